@@ -1,0 +1,259 @@
+"""Putting a method on a model, and everything done with the result afterwards.
+
+    adapted = increlora.inject(model, IncreLoRAConfig(target_rank=2))
+    optimizer = torch.optim.AdamW(adapted.trainable_parameters(), lr=1e-3)
+    controller = adapted.controller(optimizer, total_steps=1000)
+
+The model is modified in place (so a user keeps their model object, and DDP / accelerate can
+wrap it as usual); :class:`AdaptedModel` is a handle to the adapter layers in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import methods as _methods  # noqa: F401  (fills the registry)
+from .config import AdapterConfig, ConfigError
+from .injection import find_modules_to_save, find_targets, replace_module
+from .io import (
+    AdapterFileError,
+    atomic_directory,
+    atomic_write_json,
+    load_tensors,
+    read_json,
+    save_tensors,
+)
+from .layers.base import AdapterLayer
+from .methods.base import Controller, Method, get_method, method_for_config
+
+ADAPTER_FORMAT = "increlora-adapter"
+ADAPTER_FORMAT_VERSION = 1
+CONFIG_FILE = "increlora_config.json"
+WEIGHTS_FILE = "adapter.safetensors"
+
+
+class AdaptedModel:
+    """Handle to the adapter layers a method put into a model."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method,
+        layers: dict[str, AdapterLayer],
+        saved_modules: list[str],
+    ) -> None:
+        self.model = model
+        self.method = method
+        self.layers = layers
+        self.saved_modules = saved_modules
+        self._controller: Controller | None = None
+
+    @property
+    def config(self) -> AdapterConfig:
+        return self.method.config
+
+    # ------------------------------------------------------------------ training
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                yield name, p
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer must be built from (adapters + modules_to_save)."""
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def controller(self, optimizer: Any, total_steps: int) -> Controller:
+        """The method's per-step controller (IncreLoRA: the allocator); created once."""
+        if self._controller is not None:
+            raise RuntimeError("this model already has a controller; reuse adapted.current")
+        self._controller = self.method.make_controller(self.layers, optimizer, total_steps)
+        return self._controller
+
+    @property
+    def current(self) -> Controller | None:
+        return self._controller
+
+    def rank_pattern(self) -> dict[str, int]:
+        """Rank per adapted module (the rank of the exported LoRA factors)."""
+        pattern = {}
+        for name, layer in self.layers.items():
+            factors = layer.lora_factors()
+            if factors is not None:
+                pattern[name] = int(factors[0].shape[0])
+        return pattern
+
+    def num_adapter_parameters(self) -> int:
+        return sum(layer.num_adapter_parameters() for layer in self.layers.values())
+
+    def num_trainable_parameters(self) -> int:
+        """Real trainable count: active adapter parameters + modules_to_save."""
+        saved = sum(
+            p.numel() for n in self.saved_modules for p in self.model.get_submodule(n).parameters()
+        )
+        return self.num_adapter_parameters() + saved
+
+    # ------------------------------------------------------------------ inference
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Temporarily run the base model alone."""
+        previous = {name: layer.disabled for name, layer in self.layers.items()}
+        for layer in self.layers.values():
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for name, layer in self.layers.items():
+                layer.disabled = previous[name]
+
+    def merge(self) -> None:
+        for layer in self.layers.values():
+            layer.merge()
+
+    def unmerge(self) -> None:
+        for layer in self.layers.values():
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold every update into its base weight and put the plain base layers back."""
+        for name, layer in self.layers.items():
+            layer.merge()
+            replace_module(self.model, name, layer.base_layer)
+        self.layers = {}
+        return self.model
+
+    # ------------------------------------------------------------------- saving
+    def save(self, path: str | Path) -> None:
+        """Adapter-only save: ``increlora_config.json`` + ``adapter.safetensors`` (atomic)."""
+        tensors: dict[str, torch.Tensor] = {}
+        ranks = {}
+        for name, layer in self.layers.items():
+            for key, t in layer.adapter_state().items():
+                tensors[f"{name}.{key}"] = t
+            ranks[name] = layer.rank_state()
+        for name in self.saved_modules:
+            for key, t in self.model.get_submodule(name).state_dict().items():
+                tensors[f"{name}.{key}"] = t
+        meta = {
+            "format": ADAPTER_FORMAT,
+            "format_version": ADAPTER_FORMAT_VERSION,
+            "method": self.method.name,
+            "config": self.config.to_dict(),
+            "modules": {
+                name: {"shape": [layer.out_features, layer.in_features], "ranks": ranks[name]}
+                for name, layer in self.layers.items()
+            },
+            "modules_to_save": self.saved_modules,
+        }
+        with atomic_directory(path) as tmp:
+            save_tensors(tmp / WEIGHTS_FILE, tensors)
+            atomic_write_json(tmp / CONFIG_FILE, meta)
+
+    def export_peft(self, path: str | Path, **kwargs: Any) -> None:
+        """Write a PEFT LoRA adapter directory (see :func:`increlora.export.export_peft`)."""
+        from .export import export_peft
+
+        export_peft(self, path, **kwargs)
+
+
+def _attach(
+    model: nn.Module, method: Method, before_attach=None
+) -> tuple[dict[str, AdapterLayer], list[str]]:
+    """Build every layer first, then swap them in: a failure leaves ``model`` unchanged."""
+    config = method.config
+    if any(isinstance(m, AdapterLayer) for m in model.modules()):
+        raise ConfigError("model already holds adapter layers; inject into a fresh model")
+    names = find_targets(model, config)
+    save_names = find_modules_to_save(model, config.modules_to_save)
+    overlap = [n for n in names if any(n == s or n.startswith(s + ".") for s in save_names)]
+    if overlap:
+        raise ConfigError(f"modules_to_save and target_modules overlap at {overlap}")
+    grad_state = {p: p.requires_grad for p in model.parameters()}
+    try:
+        layers = method.build_layers(model, names)
+        if before_attach is not None:
+            before_attach(layers, save_names)
+    except BaseException:
+        for p, flag in grad_state.items():
+            p.requires_grad_(flag)
+        raise
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, layer in layers.items():
+        replace_module(model, name, layer)
+        for p in layer.adapter_parameters():
+            p.requires_grad_(True)
+    for name in save_names:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    return layers, save_names
+
+
+def inject(model: nn.Module, config: AdapterConfig, method: str | None = None) -> AdaptedModel:
+    """Put the method of ``config`` (or the named ``method``) on ``model``, in place."""
+    cls = get_method(method) if method is not None else method_for_config(config)
+    instance = cls(config)
+    layers, save_names = _attach(model, instance)
+    return AdaptedModel(model, instance, layers, save_names)
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> AdaptedModel:
+    """Rebuild a saved adapter on ``model`` with the exact saved shapes and ranks.
+
+    Every file and shape is checked before the model is touched; a corrupt or foreign file,
+    or a model whose shapes differ, raises AdapterFileError naming the file and the problem.
+    """
+    path = Path(path)
+    config_file = path / CONFIG_FILE
+    meta = read_json(config_file)
+    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
+        raise AdapterFileError(
+            f"{config_file}: not an increlora adapter (no format={ADAPTER_FORMAT!r}); for a PEFT"
+            " adapter use peft.PeftModel.from_pretrained"
+        )
+    if meta.get("format_version", 0) > ADAPTER_FORMAT_VERSION:
+        raise AdapterFileError(f"{config_file}: written by a newer increlora; upgrade to load it")
+    try:
+        cls = get_method(meta["method"])
+        config = cls.config_class.from_dict(meta["config"])
+        modules = meta["modules"]
+    except (KeyError, TypeError, ConfigError) as err:
+        raise AdapterFileError(f"{config_file}: malformed adapter config ({err})") from err
+    tensors = load_tensors(path / WEIGHTS_FILE)
+
+    def check(layers: dict[str, AdapterLayer], save_names: list[str]) -> None:
+        if set(layers) != set(modules):
+            raise AdapterFileError(
+                f"{config_file}: adapter was saved for modules that do not match this model"
+                f" (missing here: {sorted(set(modules) - set(layers))[:3]}, new here:"
+                f" {sorted(set(layers) - set(modules))[:3]})"
+            )
+        for name, layer in layers.items():
+            own = {k[len(name) + 1 :]: t for k, t in tensors.items() if k.startswith(name + ".")}
+            try:
+                layer.check_adapter_state(own, modules[name]["ranks"])
+            except ValueError as err:
+                raise AdapterFileError(f"{path / WEIGHTS_FILE}: module {name}: {err}") from err
+            layer.load_adapter_state(own, modules[name]["ranks"])
+        for name in save_names:
+            module = model.get_submodule(name)
+            for key, t in module.state_dict().items():
+                saved = tensors.get(f"{name}.{key}")
+                if saved is None or saved.shape != t.shape:
+                    raise AdapterFileError(
+                        f"{path / WEIGHTS_FILE}: {name}.{key} is missing or has another shape"
+                        f" ({None if saved is None else tuple(saved.shape)} vs {tuple(t.shape)})"
+                    )
+        with torch.no_grad():
+            for name in save_names:
+                for key, t in model.get_submodule(name).state_dict().items():
+                    t.copy_(tensors[f"{name}.{key}"])
+
+    instance = cls(config)
+    layers, save_names = _attach(model, instance, before_attach=check)
+    return AdaptedModel(model, instance, layers, save_names)

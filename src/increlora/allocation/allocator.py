@@ -1,0 +1,328 @@
+"""The IncreLoRA allocator: scores modules, and every few steps gives rank to the best ones.
+
+Usage, once per optimizer step (the one line)::
+
+    loss = model(**batch).loss + allocator.regularization_loss()
+    loss.backward()
+    optimizer.step()
+    allocator.step()          # after optimizer.step(), before optimizer.zero_grad()
+    optimizer.zero_grad()
+
+The allocator hooks into the optimizer (``register_step_pre_hook`` / ``post_hook``) to keep
+new ranks behaving like fresh parameters (see ``fresh_rows``), to keep unused capacity at
+zero, and to detect misuse: an optimizer step taken without ``allocator.step()`` after the
+previous one raises, and ``allocator.step()`` called per micro-batch raises too.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, IncreLoRAConfig
+from ..distributed import all_reduce_mean_, broadcast_from_main, is_main_process
+from ..layers.triplet import TripletLayer
+from .fresh_rows import FreshRows
+from .importance import ImportanceEMA, paper_score, proxy_score
+from .schedule import GrowthPlan, ModuleSlot, budget_reached, make_plan, select_growth
+
+logger = logging.getLogger("increlora.allocation")
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside wrappers such as accelerate's AcceleratedOptimizer."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    return optimizer
+
+
+def check_optimizer_holds(optimizer: torch.optim.Optimizer, params: dict[str, Any]) -> None:
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [name for name, p in params.items() if id(p) not in held]
+    if missing:
+        raise ConfigError(
+            f"optimizer: does not hold the adapter parameters {missing[:3]}"
+            f"{' ...' if len(missing) > 3 else ''}; build it from"
+            " adapted.trainable_parameters()"
+        )
+
+
+class IncreLoRAAllocator:
+    """Growth controller for the TripletLayers of one model (see module docstring)."""
+
+    def __init__(
+        self,
+        layers: dict[str, TripletLayer],
+        config: IncreLoRAConfig,
+        optimizer: Any,
+        total_steps: int,
+    ) -> None:
+        self.names = list(layers)
+        self.layers = list(layers.values())
+        self.config = config
+        self.slots = [
+            ModuleSlot(n, m.in_features + m.out_features + 1, m.capacity, m.init_rank)
+            for n, m in layers.items()
+        ]
+        self.plan: GrowthPlan = make_plan(config, self.slots, total_steps)
+        self.optimizer = unwrap_optimizer(optimizer)
+        check_optimizer_holds(
+            self.optimizer,
+            {
+                f"{n}.{k}": getattr(m, k)
+                for n, m in layers.items()
+                for k in ("lora_A", "lora_E", "lora_B")
+            },
+        )
+        warmup = config.restart_warmup_steps
+        self.fresh = FreshRows(
+            self.layers,
+            self.optimizer,
+            total_steps,
+            self.plan.interval if warmup is None else warmup,
+        )
+        self.ema = ImportanceEMA(len(self.layers), config.beta1, config.beta2)
+        self.optimizer_steps = 0
+        self.allocator_steps = 0
+        self._noop_at = -2  # optimizer step at which the last no-op allocator.step() happened
+        self.growing = True
+        self.history: list[dict] = []
+        self.rank_trace: list[tuple[int, int]] = [(0, self.total_rank)]
+        self._hooks = [
+            self.optimizer.register_step_pre_hook(self._before_optimizer_step),
+            self.optimizer.register_step_post_hook(self._after_optimizer_step),
+        ]
+        if is_main_process():
+            logger.info(
+                "IncreLoRA: %d modules, budget %d %ss, schedule init_warmup=%d interval=%d"
+                " top_h=%d add_r=%d (rounds from step %s)",
+                len(self.layers),
+                self.plan.budget,
+                self.plan.unit,
+                self.plan.init_warmup,
+                self.plan.interval,
+                self.plan.top_h,
+                self.plan.add_r,
+                (self.plan.round_steps() or ["-"])[0],
+            )
+        self._check_done()
+        self._set_capture(1)
+
+    # ----------------------------------------------------------------- bookkeeping
+    @property
+    def total_rank(self) -> int:
+        return sum(m.active_rank for m in self.layers)
+
+    def rank_pattern(self) -> dict[str, int]:
+        return {n: m.active_rank for n, m in zip(self.names, self.layers)}
+
+    def _ranks(self) -> list[int]:
+        return [m.active_rank for m in self.layers]
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # ----------------------------------------------------------- optimizer hooks
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        if self.optimizer_steps > self.allocator_steps:
+            raise RuntimeError(
+                "IncreLoRA: optimizer.step() was called again without allocator.step() after"
+                f" optimizer step {self.optimizer_steps}. Call allocator.step() once after every"
+                " optimizer.step() (before zero_grad); the increlora Trainer callback and"
+                " runner do this for you."
+            )
+        self.fresh.before_step()
+
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        self.optimizer_steps += 1
+        self.fresh.after_step(self.optimizer_steps)
+        for layer in self.layers:
+            layer.enforce_unused_zero()
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> dict | None:
+        """Score, and grow at scheduled steps. Returns the growth event of this step, if any."""
+        if self.allocator_steps == self.optimizer_steps:
+            self._noop_step()
+            return None
+        self.allocator_steps = self.optimizer_steps
+        t = self.optimizer_steps
+        event = None
+        if self.growing:
+            if self._scores_at(t):
+                self.ema.update(self._raw_scores())
+            if self.plan.is_round(t):
+                event = self._grow(t)
+            self._check_done(t)
+        self._set_capture(t + 1)
+        return event
+
+    def _noop_step(self) -> None:
+        if self._noop_at == self.optimizer_steps - 1 and self.optimizer_steps > 0:
+            raise RuntimeError(
+                "IncreLoRA: allocator.step() is being called more often than optimizer.step()"
+                " (per micro-batch?). With gradient accumulation call it only when the"
+                " optimizer really steps (accelerate: `if accelerator.sync_gradients`)."
+            )
+        if self._noop_at < 0:
+            warnings.warn(
+                "IncreLoRA: allocator.step() without a new optimizer step (skipped fp16 step?);"
+                " ignored.",
+                stacklevel=3,
+            )
+        self._noop_at = self.optimizer_steps
+        for layer in self.layers:
+            if layer.grad_product is not None:
+                layer.grad_product.zero_()
+
+    def _scores_at(self, t: int) -> bool:
+        if self.config.score_window is None:
+            return True
+        return self.plan.next_round_after(t - 1) - t < self.config.score_window
+
+    def _set_capture(self, t: int) -> None:
+        """Enable the dense-gradient capture of the paper's score for scored steps only."""
+        capture = self.growing and self.config.importance == "paper" and self._scores_at(t)
+        for layer in self.layers:
+            if capture and layer.grad_product is None:
+                layer.grad_product = torch.zeros(
+                    layer.out_features, layer.in_features, device=layer.lora_A.device
+                )
+            elif not capture:
+                layer.grad_product = None
+
+    def _raw_scores(self) -> torch.Tensor:
+        if self.config.importance == "paper":
+            raw = []
+            for layer in self.layers:
+                all_reduce_mean_(layer.grad_product)
+                raw.append(paper_score(layer))
+                layer.grad_product.zero_()
+        else:
+            raw = [proxy_score(layer) for layer in self.layers]
+        return torch.stack([r.to("cpu", torch.float64) for r in raw])
+
+    def _generator(self, t: int, i: int) -> torch.Generator:
+        # The same seed on every process: new ranks are identical without communication.
+        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + t * 10_007 + i)
+
+    @torch.no_grad()
+    def _grow(self, t: int) -> dict | None:
+        scores = broadcast_from_main(self.ema.scores())
+        chosen = select_growth(scores.tolist(), self.slots, self._ranks(), self.plan)
+        if not chosen:
+            return None
+        grown = []
+        for i, add in chosen:
+            layer = self.layers[i]
+            old_active, old_used = layer.active_rank, layer.used_rank
+            layer.grow(add, self.config.reserve_rank, self._generator(t, i))
+            self.fresh.mark(
+                i, range(old_used, layer.used_rank), range(old_active, layer.active_rank), t
+            )
+            grown.append(
+                {
+                    "module": self.names[i],
+                    "added": add,
+                    "rank": layer.active_rank,
+                    "score": float(scores[i]),
+                }
+            )
+        picked = {i for i, _ in chosen}
+        rest = [float(scores[i]) for i in range(len(scores)) if i not in picked]
+        event = {
+            "step": t,
+            "grown": grown,
+            "threshold": max(rest) if rest else None,
+            "total_rank": self.total_rank,
+            "trainable_params": self.num_trainable_parameters(),
+            "budget": self.plan.budget,
+            "unit": self.plan.unit,
+            "scores": {n: float(s) for n, s in zip(self.names, scores.tolist())},
+        }
+        self.history.append(event)
+        self.rank_trace.append((t, self.total_rank))
+        if is_main_process():
+            logger.info(
+                "step %d: +rank to %s (best unchosen score %.3g); total rank %d",
+                t,
+                ", ".join(f"{g['module']} -> {g['rank']} (score {g['score']:.3g})" for g in grown),
+                event["threshold"] if event["threshold"] is not None else float("nan"),
+                self.total_rank,
+            )
+        return event
+
+    def _check_done(self, t: int = 0) -> None:
+        if self.growing and budget_reached(self.slots, self._ranks(), self.plan):
+            self.growing = False
+            for layer in self.layers:
+                layer.drop_reserve()
+                layer.grad_product = None
+            if is_main_process():
+                logger.info(
+                    "step %d: budget reached (total rank %d, %d trainable adapter params);"
+                    " growth and scoring stop, reserve ranks dropped",
+                    t,
+                    self.total_rank,
+                    self.num_trainable_parameters(),
+                )
+
+    def num_trainable_parameters(self) -> int:
+        return sum(m.num_adapter_parameters() for m in self.layers)
+
+    # --------------------------------------------------------------- regularizer
+    def regularization_loss(self) -> torch.Tensor:
+        """gamma * mean over modules of ||A A^T - I||_F and ||B^T B - I||_F (used ranks)."""
+        gamma = self.config.orth_reg_weight
+        device = self.layers[0].lora_A.device
+        if gamma == 0:
+            return torch.zeros((), device=device)
+        total = torch.zeros((), device=device)
+        for layer in self.layers:
+            u = layer.used_rank
+            a, b = layer.lora_A[:u], layer.lora_B[:, :u]
+            eye = torch.eye(u, device=device, dtype=a.dtype)
+            total = total + torch.linalg.matrix_norm(a @ a.T - eye)
+            total = total + torch.linalg.matrix_norm(b.T @ b - eye)
+        return gamma * total / (2 * len(self.layers))
+
+    # --------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {
+            "names": list(self.names),
+            "ranks": [[m.active_rank, m.used_rank] for m in self.layers],
+            "optimizer_steps": self.optimizer_steps,
+            "allocator_steps": self.allocator_steps,
+            "growing": self.growing,
+            "ema": self.ema.state_dict(),
+            "fresh": self.fresh.state_dict(),
+            "history": self.history,
+            "rank_trace": [list(x) for x in self.rank_trace],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if list(state["names"]) != self.names:
+            raise ValueError(
+                "allocator state was saved for different modules; was the model injected with"
+                " the same target_modules?"
+            )
+        for layer, (active, used) in zip(self.layers, state["ranks"]):
+            layer.set_ranks(int(active), int(used))
+        self.optimizer_steps = int(state["optimizer_steps"])
+        self.allocator_steps = int(state["allocator_steps"])
+        self.growing = bool(state["growing"])
+        self.ema.load_state_dict(state["ema"])
+        self.fresh.load_state_dict(state["fresh"])
+        self.history = list(state["history"])
+        self.rank_trace = [tuple(x) for x in state["rank_trace"]]
+        if not self.growing:
+            for layer in self.layers:
+                layer.grad_product = None
+        self._set_capture(self.optimizer_steps + 1)

@@ -1,0 +1,86 @@
+"""Per-module importance: a raw score per optimizer step, smoothed by AdaLoRA's two EMAs.
+
+I_t = b1 I_{t-1} + (1 - b1) s_t              sensitivity
+U_t = b2 U_{t-1} + (1 - b2) |s_t - I_t|      uncertainty (uses the new I_t)
+score = I_t * U_t
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..layers.triplet import TripletLayer
+
+
+def _grad(p: torch.Tensor, name: str) -> torch.Tensor:
+    if p.grad is None:
+        raise RuntimeError(
+            f"IncreLoRA: {name} has no gradient when scoring. Call allocator.step() after"
+            " optimizer.step() and BEFORE optimizer.zero_grad()."
+        )
+    return p.grad
+
+
+@torch.no_grad()
+def proxy_score(layer: TripletLayer) -> torch.Tensor:
+    """Sum over active ranks i of |e_i g(e_i)| + mean_j |A_ij g(A_ij)| + mean_j |B_ji g(B_ji)|.
+
+    AdaLoRA's triplet sensitivity, summed per module. It reads the (accumulated, all-reduced)
+    parameter gradients, so it costs no extra matmul and needs no hook.
+    """
+    r = layer.active_rank
+    a, e, b = layer.lora_A, layer.lora_E, layer.lora_B
+    ga, ge, gb = _grad(a, "lora_A"), _grad(e, "lora_E"), _grad(b, "lora_B")
+    s_e = (e[:r] * ge[:r]).abs().float()
+    s_a = (a[:r] * ga[:r]).abs().float().mean(dim=1)
+    s_b = (b[:, :r] * gb[:, :r]).abs().float().mean(dim=0)
+    return (s_e + s_a + s_b).sum()
+
+
+@torch.no_grad()
+def paper_score(layer: TripletLayer) -> torch.Tensor:
+    """sum_ij |dW_ij G_ij| / sqrt(d_out d_in) with G = dL/d(dW) captured in the backward pass."""
+    if layer.grad_product is None:
+        raise RuntimeError("paper importance needs grad capture; it was not enabled")
+    delta = layer.delta_weight().float()
+    score = (delta * layer.grad_product).abs().sum()
+    return score / math.sqrt(layer.out_features * layer.in_features)
+
+
+class ImportanceEMA:
+    """The sensitivity / uncertainty EMAs of a fixed set of modules (float64 on CPU)."""
+
+    def __init__(self, n_modules: int, beta1: float, beta2: float) -> None:
+        self.beta1, self.beta2 = beta1, beta2
+        self.sensitivity = torch.zeros(n_modules, dtype=torch.float64)
+        self.uncertainty = torch.zeros(n_modules, dtype=torch.float64)
+        self.updates = 0
+
+    def update(self, raw: torch.Tensor) -> None:
+        raw = raw.detach().to("cpu", torch.float64)
+        self.sensitivity = self.beta1 * self.sensitivity + (1 - self.beta1) * raw
+        delta = (raw - self.sensitivity).abs()
+        self.uncertainty = self.beta2 * self.uncertainty + (1 - self.beta2) * delta
+        self.updates += 1
+
+    def scores(self) -> torch.Tensor:
+        return self.sensitivity * self.uncertainty
+
+    def state_dict(self) -> dict:
+        return {
+            "sensitivity": self.sensitivity.clone(),
+            "uncertainty": self.uncertainty.clone(),
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["sensitivity"].shape != self.sensitivity.shape:
+            raise ValueError(
+                f"importance state has {state['sensitivity'].numel()} modules, expected"
+                f" {self.sensitivity.numel()}"
+            )
+        self.sensitivity = state["sensitivity"].to(torch.float64).clone()
+        self.uncertainty = state["uncertainty"].to(torch.float64).clone()
+        self.updates = int(state["updates"])

@@ -1,0 +1,189 @@
+"""The growth schedule: the budget, when rounds happen, and how each round is filled.
+
+Rounds happen at optimizer steps ``t > init_warmup`` with ``t % interval == 0`` while the
+budget is not reached. Each round gives ``add_r`` ranks to the ``top_h`` best-scored modules
+(ties broken by module order), and the last round is partial so the total lands exactly on
+a rank budget (or as close below a parameter budget as whole ranks allow).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from ..config import ConfigError, IncreLoRAConfig
+
+MIN_DERIVED_INTERVAL = 10  # about the EMA window at beta = 0.85, so scores settle between rounds
+
+
+@dataclass(frozen=True)
+class ModuleSlot:
+    """What the schedule needs to know of one adapted module."""
+
+    name: str
+    cost: int  # trainable parameters one active rank costs: d_in + d_out + 1
+    capacity: int
+    init_rank: int
+
+
+@dataclass(frozen=True)
+class GrowthPlan:
+    init_warmup: int
+    interval: int
+    top_h: int
+    add_r: int
+    total_steps: int
+    budget: int  # in ranks (unit == "rank") or parameters (unit == "param")
+    unit: str
+    planned_rounds: int  # rounds needed in the worst case
+
+    def is_round(self, step: int) -> bool:
+        return step > self.init_warmup and step % self.interval == 0
+
+    def round_steps(self) -> list[int]:
+        """Steps of the planned rounds (worst case), for logging and validation."""
+        first = (self.init_warmup // self.interval + 1) * self.interval
+        return [first + i * self.interval for i in range(self.planned_rounds)]
+
+    def next_round_after(self, step: int) -> int:
+        first = (self.init_warmup // self.interval + 1) * self.interval
+        if step < first:
+            return first
+        return (step // self.interval + 1) * self.interval
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _budget(config: IncreLoRAConfig, slots: list[ModuleSlot]) -> tuple[int, str]:
+    if config.target_rank is not None:
+        return int(round(config.target_rank * len(slots))), "rank"
+    return int(config.target_params), "param"
+
+
+def _usage(slots: list[ModuleSlot], ranks: list[int], unit: str) -> int:
+    if unit == "rank":
+        return sum(ranks)
+    return sum(r * s.cost for r, s in zip(ranks, slots))
+
+
+def _rounds_needed(missing: int, unit: str, slots: list[ModuleSlot], top_h: int, add_r: int) -> int:
+    """Worst-case rounds: for a parameter budget assume growth goes to the cheapest module."""
+    per_round = top_h * add_r * (1 if unit == "rank" else min(s.cost for s in slots))
+    return max(0, math.ceil(missing / per_round))
+
+
+def _last_round(init_warmup: int, interval: int, rounds: int) -> int:
+    first = (init_warmup // interval + 1) * interval
+    return first + (rounds - 1) * interval
+
+
+def make_plan(config: IncreLoRAConfig, slots: list[ModuleSlot], total_steps: int) -> GrowthPlan:
+    """Validate the budget and schedule against the model and run length, deriving gaps.
+
+    Raises ConfigError naming the field and a value that would work when the budget cannot
+    be held by the modules or reached before training ends.
+    """
+    if total_steps < 1:
+        raise ConfigError(f"total_steps: must be >= 1, got {total_steps}")
+    budget, unit = _budget(config, slots)
+    initial = _usage(slots, [s.init_rank for s in slots], unit)
+    full = _usage(slots, [s.capacity for s in slots], unit)
+    field = "target_rank" if unit == "rank" else "target_params"
+    if budget < initial:
+        raise ConfigError(
+            f"{field}: budget {budget} {unit}s is below the {initial} the rank-{config.init_rank}"
+            f" start already uses; raise {field} or lower init_rank"
+        )
+    if budget > full:
+        largest = min(max(s.capacity for s in slots), 10**9)
+        raise ConfigError(
+            f"{field}: budget {budget} {unit}s exceeds what the {len(slots)} modules can hold"
+            f" ({full} at their capacities, max_rank up to {largest}); raise max_rank (at most"
+            f" min(d_in, d_out) of each module) or lower {field}"
+        )
+    missing = budget - initial
+    add_r = config.add_r
+    if config.top_h is not None and config.top_h > len(slots):
+        raise ConfigError(f"top_h: {config.top_h} exceeds the {len(slots)} adapted modules")
+    if config.interval is None or config.top_h is None or config.init_warmup is None:
+        init_warmup, interval, top_h = _derive(config, slots, missing, unit, total_steps)
+    else:
+        init_warmup, interval, top_h = config.init_warmup, config.interval, config.top_h
+    rounds = _rounds_needed(missing, unit, slots, top_h, add_r)
+    if rounds:
+        last = _last_round(init_warmup, interval, rounds)
+        if last >= total_steps:
+            fit_top_h = next(
+                (
+                    h
+                    for h in range(top_h, len(slots) + 1)
+                    if _last_round(
+                        init_warmup, interval, _rounds_needed(missing, unit, slots, h, add_r)
+                    )
+                    < total_steps
+                ),
+                None,
+            )
+            hint = f"raise top_h to {fit_top_h}" if fit_top_h else "lower interval/init_warmup"
+            raise ConfigError(
+                f"schedule: reaching the budget ({missing} more {unit}s) needs {rounds} growth"
+                f" rounds of top_h={top_h} x add_r={add_r}; with init_warmup={init_warmup} and"
+                f" interval={interval} the last lands at step {last}, but training has only"
+                f" {total_steps} steps. Fix: {hint}, lower interval or init_warmup, or train"
+                " longer (or leave the schedule fields unset to derive them)"
+            )
+    return GrowthPlan(init_warmup, interval, top_h, add_r, total_steps, budget, unit, rounds)
+
+
+def _derive(
+    config: IncreLoRAConfig, slots: list[ModuleSlot], missing: int, unit: str, total_steps: int
+) -> tuple[int, int, int]:
+    """Pick the smallest top_h whose rounds, spaced >= MIN_DERIVED_INTERVAL steps apart, end
+    by ``growth_end_fraction`` of training; init_warmup = interval (the paper's setting)."""
+    horizon = max(2, int(config.growth_end_fraction * total_steps))
+    candidates = [config.top_h] if config.top_h is not None else range(1, len(slots) + 1)
+    best = None
+    for top_h in candidates:
+        rounds = _rounds_needed(missing, unit, slots, top_h, config.add_r)
+        interval = config.interval or max(1, horizon // (rounds + 1))
+        init_warmup = config.init_warmup if config.init_warmup is not None else interval
+        best = (init_warmup, interval, top_h)
+        if interval >= MIN_DERIVED_INTERVAL or config.interval is not None:
+            return best
+    assert best is not None
+    return best
+
+
+def select_growth(
+    scores: list[float],
+    slots: list[ModuleSlot],
+    ranks: list[int],
+    plan: GrowthPlan,
+) -> list[tuple[int, int]]:
+    """One round: ``(module index, ranks to add)`` for the chosen modules.
+
+    Modules are taken in order of decreasing score, ties by module index (deterministic on
+    every process); full modules are skipped; the round never crosses the budget.
+    """
+    remaining = plan.budget - _usage(slots, ranks, plan.unit)
+    order = sorted(range(len(slots)), key=lambda i: (-scores[i], i))
+    chosen: list[tuple[int, int]] = []
+    for i in order:
+        if len(chosen) == plan.top_h or remaining <= 0:
+            break
+        unit_cost = 1 if plan.unit == "rank" else slots[i].cost
+        add = min(plan.add_r, slots[i].capacity - ranks[i], remaining // unit_cost)
+        if add > 0:
+            chosen.append((i, add))
+            remaining -= add * unit_cost
+    return chosen
+
+
+def budget_reached(slots: list[ModuleSlot], ranks: list[int], plan: GrowthPlan) -> bool:
+    """True when no module can take one more rank within the budget."""
+    remaining = plan.budget - _usage(slots, ranks, plan.unit)
+    return not any(
+        r < s.capacity and (1 if plan.unit == "rank" else s.cost) <= remaining
+        for s, r in zip(slots, ranks)
+    )

@@ -1,0 +1,214 @@
+"""The IncreLoRA layer: an SVD-like triplet update whose rank grows inside a fixed capacity.
+
+    y = W0 x + s * B[:, :u] diag(e[:u]) A[:u] dropout(x)
+
+``A`` (capacity x d_in), ``e`` (capacity) and ``B`` (d_out x capacity) are allocated once at
+``capacity`` rows, so no parameter is ever created or reshaped after a model may have been
+wrapped by DDP/FSDP. Only the prefix ``u = active_rank + reserve_rank`` takes part in the
+forward pass (views, so compute scales with the rank in use, not the capacity):
+
+* ranks ``[0, active_rank)`` are active: A, e and B train;
+* ranks ``[active_rank, u)`` are the reserve ("advance learning"): A and B train, e is held
+  at ``new_rank_e`` (the gradient to it is cut);
+* rows ``>= u`` are unused capacity and are kept exactly zero.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import AdapterLayer
+
+
+class TripletLayer(AdapterLayer):
+    """Triplet adapter with a growable active rank (IncreLoRA; AdaLoRA's parameterization)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        capacity: int,
+        init_rank: int,
+        reserve_rank: int,
+        alpha: float,
+        scaling_mode: str = "per_rank",
+        dropout: float = 0.0,
+        init_std: float = 0.02,
+        new_rank_e: float = 1e-5,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(base_layer)
+        if capacity > min(self.in_features, self.out_features):
+            raise ValueError(
+                f"capacity {capacity} exceeds min(d_in, d_out) = "
+                f"{min(self.in_features, self.out_features)} of this layer"
+            )
+        if init_rank > capacity:
+            raise ValueError(f"init_rank {init_rank} exceeds capacity {capacity}")
+        self.capacity = capacity
+        self.alpha = alpha
+        self.scaling_mode = scaling_mode
+        self.init_rank = init_rank
+        self.init_std = init_std
+        self.new_rank_e = new_rank_e
+        self.active_rank = init_rank
+        self.used_rank = min(capacity, init_rank + reserve_rank)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # The adapter lives in fp32 whatever the base dtype (the usual mixed-precision setup).
+        device = base_layer.weight.device
+        self.lora_A = nn.Parameter(torch.zeros(capacity, self.in_features, device=device))
+        self.lora_E = nn.Parameter(torch.zeros(capacity, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, capacity, device=device))
+        self._init_rows(0, self.used_rank, generator)
+        with torch.no_grad():
+            self.lora_E[: self.active_rank] = 0.0  # the paper: e = 0, so the update starts at 0
+        # Accumulates G = dL/d(dW) over micro-batches when the paper's importance is scored.
+        self.grad_product: torch.Tensor | None = None
+
+    @property
+    def reserve_rank(self) -> int:
+        return self.used_rank - self.active_rank
+
+    @property
+    def scaling(self) -> float:
+        if self.scaling_mode == "constant":
+            return self.alpha / self.init_rank
+        return self.alpha / self.active_rank
+
+    @torch.no_grad()
+    def _init_rows(self, start: int, stop: int, generator: torch.Generator | None) -> None:
+        """Fresh ranks: A and B ~ N(0, init_std^2), e = new_rank_e."""
+        if stop <= start:
+            return
+        n = stop - start
+        a = torch.randn(n, self.in_features, generator=generator) * self.init_std
+        b = torch.randn(self.out_features, n, generator=generator) * self.init_std
+        self.lora_A[start:stop] = a.to(self.lora_A)
+        self.lora_B[:, start:stop] = b.to(self.lora_B)
+        self.lora_E[start:stop] = self.new_rank_e
+
+    def _used_e(self) -> torch.Tensor:
+        e = self.lora_E[: self.used_rank]
+        if self.used_rank > self.active_rank:  # reserve e is frozen: cut its gradient
+            e = torch.cat([e[: self.active_rank], e[self.active_rank :].detach()])
+        return e
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.used_rank
+        x_d = self.dropout(x.to(self.lora_A.dtype))
+        h = x_d @ self.lora_A[:u].T
+        out = (h * (self._used_e() * self.scaling)) @ self.lora_B[:, :u].T
+        if self.grad_product is not None and out.requires_grad:
+            self._capture_grad_product(x_d, out)
+        return out
+
+    def _capture_grad_product(self, x_d: torch.Tensor, out: torch.Tensor) -> None:
+        """Accumulate G += g^T x over tokens, the gradient w.r.t. the dense update dW."""
+        x_flat = x_d.detach().reshape(-1, self.in_features)
+        product = self.grad_product
+
+        def hook(grad: torch.Tensor) -> None:
+            g = grad.reshape(-1, self.out_features)
+            product.add_(g.T.float() @ x_flat.float())
+
+        out.register_hook(hook)
+
+    def delta_weight(self) -> torch.Tensor:
+        u = self.used_rank
+        return (self.lora_B[:, :u] * (self.lora_E[:u] * self.scaling)) @ self.lora_A[:u]
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Active ranks as plain LoRA factors: A' = diag(e) A, B' = s B (reserve excluded)."""
+        r = self.active_rank
+        a = self.lora_A[:r] * self.lora_E[:r, None]
+        b = self.lora_B[:, :r] * self.scaling
+        return a, b
+
+    def num_adapter_parameters(self) -> int:
+        ab = self.in_features + self.out_features
+        return self.active_rank * (ab + 1) + self.reserve_rank * ab
+
+    @torch.no_grad()
+    def grow(self, n_new: int, reserve_rank: int, generator: torch.Generator | None) -> None:
+        """Activate ``n_new`` ranks (reserve first, then fresh rows) and refill the reserve."""
+        old_active, old_used = self.active_rank, self.used_rank
+        new_active = old_active + n_new
+        if new_active > self.capacity:
+            raise ValueError(f"cannot grow to rank {new_active}: capacity is {self.capacity}")
+        new_used = min(self.capacity, new_active + reserve_rank)
+        if self.scaling_mode == "rescale":  # keep s * e constant for the existing ranks
+            self.lora_E[:old_active] *= new_active / old_active
+        self.active_rank = new_active
+        self.used_rank = max(new_used, new_active)
+        self._init_rows(old_used, self.used_rank, generator)
+
+    @torch.no_grad()
+    def drop_reserve(self) -> None:
+        """End of growth: reserve ranks are removed (zeroed, excluded from everything)."""
+        self.used_rank = self.active_rank
+        self.enforce_unused_zero()
+
+    @torch.no_grad()
+    def enforce_unused_zero(self) -> None:
+        """Rows outside the used prefix stay exactly zero and reserve e stays frozen.
+
+        Called after every optimizer step: optimizers may touch rows that had zero gradient
+        (AdamW's weight decay, stale moments), and this keeps the invariant for any optimizer.
+        """
+        u = self.used_rank
+        self.lora_A[u:] = 0.0
+        self.lora_B[:, u:] = 0.0
+        self.lora_E[u:] = 0.0
+        self.lora_E[self.active_rank : u] = self.new_rank_e
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        u = self.used_rank
+        return {"lora_A": self.lora_A[:u], "lora_E": self.lora_E[:u], "lora_B": self.lora_B[:, :u]}
+
+    def rank_state(self) -> dict:
+        return {"active_rank": self.active_rank, "used_rank": self.used_rank}
+
+    def check_adapter_state(self, tensors: dict[str, torch.Tensor], rank_state: dict) -> None:
+        active, used = int(rank_state["active_rank"]), int(rank_state["used_rank"])
+        if not (1 <= active <= used <= self.capacity):
+            raise ValueError(
+                f"ranks (active={active}, used={used}) do not fit this layer's capacity"
+                f" {self.capacity}; inject with a larger max_rank"
+            )
+        expected = {
+            "lora_A": (used, self.in_features),
+            "lora_E": (used,),
+            "lora_B": (self.out_features, used),
+        }
+        if set(tensors) != set(expected):
+            raise ValueError(f"expected tensors {sorted(expected)}, found {sorted(tensors)}")
+        for n, t in tensors.items():
+            if tuple(t.shape) != expected[n]:
+                raise ValueError(f"{n} has shape {tuple(t.shape)}, this model needs {expected[n]}")
+
+    @torch.no_grad()
+    def load_adapter_state(self, tensors: dict[str, torch.Tensor], rank_state: dict) -> None:
+        self.set_ranks(int(rank_state["active_rank"]), int(rank_state["used_rank"]))
+        u = self.used_rank
+        self.lora_A.zero_()
+        self.lora_B.zero_()
+        self.lora_E.zero_()
+        self.lora_A[:u] = tensors["lora_A"]
+        self.lora_E[:u] = tensors["lora_E"]
+        self.lora_B[:, :u] = tensors["lora_B"]
+
+    def set_ranks(self, active_rank: int, used_rank: int) -> None:
+        """Restore rank bookkeeping (loading a saved adapter or a checkpoint)."""
+        if not (1 <= active_rank <= used_rank <= self.capacity):
+            raise ValueError(
+                f"ranks (active={active_rank}, used={used_rank}) do not fit capacity "
+                f"{self.capacity}"
+            )
+        self.active_rank, self.used_rank = active_rank, used_rank
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, active_rank={self.active_rank}, "
+            f"reserve_rank={self.reserve_rank}, capacity={self.capacity}"
+        )

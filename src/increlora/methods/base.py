@@ -1,0 +1,102 @@
+"""The protocol every fine-tuning method implements, and the registry of methods.
+
+A method is one small module: a config dataclass, an :class:`~increlora.layers.AdapterLayer`
+subclass (the math), and optionally a controller that changes the adapter during training
+(IncreLoRA's growth, AdaLoRA's pruning...). Adding a method = one module + one
+``register`` line + its row in the shared test matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from ..config import AdapterConfig, ConfigError
+from ..layers.base import AdapterLayer
+
+
+class Controller(Protocol):
+    """What a training loop calls; every method has one (static methods a no-op one)."""
+
+    def step(self) -> dict | None:
+        """Once per optimizer step, after ``optimizer.step()`` and before ``zero_grad()``."""
+
+    def regularization_loss(self) -> torch.Tensor:
+        """Added to the task loss before ``backward()``."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class StaticController:
+    """Controller of methods whose adapter does not change during training."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
+
+    def step(self) -> dict | None:
+        return None
+
+    def regularization_loss(self) -> torch.Tensor:
+        return torch.zeros((), device=self.device)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+
+class Method:
+    """Base class of a method: builds its layers and its controller from its config."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[AdapterConfig]]
+    # True when every layer's update is exactly B @ A (exportable to the PEFT LoRA format).
+    peft_exportable: ClassVar[bool] = False
+
+    def __init__(self, config: AdapterConfig) -> None:
+        if not isinstance(config, self.config_class):
+            raise ConfigError(
+                f"method {self.name!r} needs a {self.config_class.__name__}, got"
+                f" {type(config).__name__}"
+            )
+        self.config = config
+
+    def build_layers(self, model: nn.Module, names: list[str]) -> dict[str, AdapterLayer]:
+        """Wrap each selected module; override to see all modules at once (budgets)."""
+        return {name: self.make_layer(name, model.get_submodule(name)) for name in names}
+
+    def make_layer(self, name: str, base: nn.Module) -> AdapterLayer:
+        raise NotImplementedError
+
+    def make_controller(
+        self, layers: dict[str, AdapterLayer], optimizer: Any, total_steps: int
+    ) -> Controller:
+        device = next(iter(layers.values())).base_layer.weight.device
+        return StaticController(device)
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method to the registry under ``cls.name``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise ConfigError(f"method: unknown method {name!r}; known methods are {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def method_for_config(config: AdapterConfig) -> type[Method]:
+    for cls in METHODS.values():
+        if type(config) is cls.config_class:
+            return cls
+    raise ConfigError(f"no registered method uses {type(config).__name__}")
