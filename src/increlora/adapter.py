@@ -198,6 +198,8 @@ def inject(model: nn.Module, config: AdapterConfig, method: str | None = None) -
     """Put the method of ``config`` (or the named ``method``) on ``model``, in place."""
     cls = get_method(method) if method is not None else method_for_config(config)
     instance = cls(config)
+    if hasattr(instance, "inject_model"):  # methods without adapter layers (full, peft-*)
+        return instance.inject_model(model)
     layers, save_names = _attach(model, instance)
     return AdaptedModel(model, instance, layers, save_names)
 

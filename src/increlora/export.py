@@ -73,7 +73,6 @@ def export_peft(
         "use_dora": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "exported_by": f"increlora ({adapted.method.name})",
     }
     with atomic_directory(path) as tmp:
         save_tensors(tmp / "adapter_model.safetensors", tensors)

@@ -66,6 +66,9 @@ class Method:
             )
         self.config = config
 
+    # A method that does not wrap layers (full fine-tuning, PEFT's own tuners) defines
+    # ``inject_model(self, model) -> AdaptedModel-like handle`` instead of make_layer.
+
     def build_layers(self, model: nn.Module, names: list[str]) -> dict[str, AdapterLayer]:
         """Wrap each selected module; override to see all modules at once (budgets)."""
         return {name: self.make_layer(name, model.get_submodule(name)) for name in names}
