@@ -147,7 +147,7 @@ def test_glue_label_columns_are_the_right_ones() -> None:
     assert (qqp.text_a, qqp.label) == ("How do I control my horny emotions?", 1)
 
 
-def test_glue_task_folder_or_root(tmp_path: Path) -> None:
+def test_glue_task_folder_or_root() -> None:
     root = load_task("rte", data_dir=GLUE)
     folder = load_task("rte", data_dir=GLUE / "RTE")
     assert root.train == folder.train
@@ -224,7 +224,7 @@ def test_missing_files_name_the_expected_path(tmp_path: Path) -> None:
         load_task("mnli", data_dir=tmp_path)
 
 
-def test_stray_quotes_are_text(tmp_path: Path) -> None:
+def test_stray_quotes_are_text() -> None:
     # A lone '"' must not start a quoted field spanning the next lines.
     sst = load_task("sst2", data_dir=GLUE)
     assert sst.train[-1].text_a == 'it \'s a " charming " and often affecting journey . '
