@@ -443,3 +443,32 @@ def test_corrupt_and_foreign_adapter_files_fail_cleanly(tmp_path):
     with pytest.raises(increlora.AdapterFileError, match="file not found"):
         increlora.load_adapter(model, tmp_path / "missing")
     _untouched(model, before)
+
+
+def _tiny(kind: str):
+    import transformers as tf
+
+    small = dict(hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=64)
+    if kind == "mpnet":
+        return tf.MPNetForSequenceClassification(tf.MPNetConfig(num_hidden_layers=2, **small))
+    if kind == "deberta-v2":
+        return tf.DebertaV2ForSequenceClassification(
+            tf.DebertaV2Config(num_hidden_layers=2, max_position_embeddings=32, **small)
+        )
+    return MODEL_CASES[kind].make()
+
+
+@pytest.mark.parametrize(
+    "kind,per_layer", [("bert", 6), ("mpnet", 6), ("deberta-v2", 6), ("llama", 7), ("gpt2", 4)]
+)
+def test_architecture_presets_adapt_the_papers_modules(kind, per_layer):
+    """target_modules=None picks every attention projection and both FFN matrices."""
+    torch.manual_seed(0)
+    model = _tiny(kind)
+    adapted = increlora.inject(model, IncreLoRAConfig(target_rank=2))
+    assert len(adapted.layers) == 2 * per_layer
+    assert not any(h in n for n in adapted.layers for h in ("classifier", "lm_head", "score"))
+    ids = torch.randint(0, 64, (2, 7))
+    out = model(input_ids=ids).logits
+    out.float().pow(2).mean().backward()
+    assert all(layer.lora_B.grad is not None for layer in adapted.layers.values())
