@@ -10,6 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+# Tiny models: one thread is faster than two (no inter-op overhead), and CI has 2 cores.
+torch.set_num_threads(1)
+
 
 class TinyMLP(nn.Module):
     """A plain PyTorch model (no transformers config), like PEFT's custom-model tests."""
