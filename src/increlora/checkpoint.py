@@ -2,6 +2,10 @@
 
 Everything is stored as JSON + safetensors (no pickle). Adapter tensors are saved at full
 capacity, so a checkpoint taken mid-growth restores bit-exactly.
+
+FSDP2 (sharded parameters and optimizer states): call both functions on every process. Saving
+gathers the sharded tensors (collective) and only the main process writes; loading reads the
+whole tensors on every process and keeps each process's part, sharded like the live ones.
 """
 
 from __future__ import annotations
@@ -11,6 +15,14 @@ from typing import Any
 
 import torch
 
+from .distributed import (
+    copy_full_,
+    full_tensor,
+    gathered_parameters,
+    is_main_process,
+    is_sharded,
+    shard_like,
+)
 from .io import AdapterFileError, atomic_directory, load_state, save_state
 
 STATE_NAMES = ("trainable", "optimizer", "controller", "scheduler", "extra")
@@ -25,9 +37,17 @@ def save_training_state(
     extra: dict | None = None,
 ) -> None:
     """Write a resumable checkpoint directory atomically (the old one stays until done)."""
+    weights = dict(adapted.named_trainable_parameters())
+    optimizer_state = optimizer.state_dict()
+    if any(is_sharded(p) for p in weights.values()):  # FSDP2: gather (collective)
+        with gathered_parameters(adapted.model):
+            weights = {n: p.detach() for n, p in adapted.named_trainable_parameters()}
+        optimizer_state = _gather(optimizer_state)
+        if not is_main_process():
+            return
     with atomic_directory(path) as tmp:
-        save_state(tmp, "trainable", dict(adapted.named_trainable_parameters()))
-        save_state(tmp, "optimizer", optimizer.state_dict())
+        save_state(tmp, "trainable", weights)
+        save_state(tmp, "optimizer", optimizer_state)
         save_state(tmp, "controller", controller.state_dict() if controller is not None else {})
         save_state(tmp, "scheduler", scheduler.state_dict() if scheduler is not None else {})
         rng = {"torch": torch.get_rng_state()}
@@ -59,8 +79,9 @@ def load_training_state(
                 f" {tuple(p.shape)}"
             )
     for name, p in params.items():
-        p.copy_(weights[name])
+        copy_full_(p, weights[name])
     optimizer.load_state_dict(load_state(path, "optimizer"))
+    _shard_optimizer_state(optimizer)
     if controller is not None:
         controller.load_state_dict(load_state(path, "controller"))
     if scheduler is not None:
@@ -69,3 +90,26 @@ def load_training_state(
     if restore_rng:
         torch.set_rng_state(extra["rng"]["torch"])
     return extra
+
+
+def _gather(obj: Any) -> Any:
+    """``obj`` with every DTensor replaced by its whole tensor (same traversal on each process)."""
+    if torch.is_tensor(obj):
+        return full_tensor(obj)
+    if isinstance(obj, dict):
+        return {k: _gather(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_gather(v) for v in obj)
+    return obj
+
+
+def _shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Loaded state of sharded parameters is whole: lay it out like the parameter again."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state or not is_sharded(p):
+                continue
+            for key, value in state.items():
+                if torch.is_tensor(value) and not is_sharded(value) and value.shape == p.shape:
+                    state[key] = shard_like(value, p)

@@ -17,39 +17,36 @@ previous one raises, and ``allocator.step()`` called per micro-batch raises too.
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any
 
 import torch
 
 from ..config import ConfigError, IncreLoRAConfig
-from ..distributed import all_reduce_mean_, broadcast_from_main, is_main_process
+from ..distributed import all_reduce_mean_, broadcast_from_main, is_main_process, local_shard
 from ..layers.triplet import TripletLayer
 from .fresh_rows import FreshRows
 from .importance import ImportanceEMA, paper_score, proxy_score
 from .schedule import GrowthPlan, ModuleSlot, budget_reached, make_plan, select_growth
+from .step_guard import StepGuard, check_optimizer_holds, unwrap_optimizer
 
 logger = logging.getLogger("increlora.allocation")
 
 
-def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside wrappers such as accelerate's AcceleratedOptimizer."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    return optimizer
+def _check_whole_shapes(layers: dict[str, TripletLayer]) -> None:
+    """Refuse wrappers that flatten or partition parameters (rows would be misaddressed).
 
-
-def check_optimizer_holds(optimizer: torch.optim.Optimizer, params: dict[str, Any]) -> None:
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    missing = [name for name, p in params.items() if id(p) not in held]
-    if missing:
-        raise ConfigError(
-            f"optimizer: does not hold the adapter parameters {missing[:3]}"
-            f"{' ...' if len(missing) > 3 else ''}; build it from"
-            " adapted.trainable_parameters()"
-        )
+    FSDP2's DTensors report their global shape and pass; FSDP1 (FullyShardedDataParallel)
+    and DeepSpeed ZeRO-3 leave flattened views or empty placeholders in the modules.
+    """
+    for name, layer in layers.items():
+        expected = (layer.capacity, layer.in_features)
+        if tuple(layer.lora_A.shape) != expected:
+            raise ConfigError(
+                f"{name}.lora_A has shape {tuple(layer.lora_A.shape)}, expected {expected}: its"
+                " parameters were flattened or partitioned by a wrapper (FSDP1"
+                " FullyShardedDataParallel, DeepSpeed ZeRO-3?). Use FSDP2"
+                " (torch.distributed.fsdp.fully_shard; accelerate: fsdp_version: 2) or DDP"
+            )
 
 
 class IncreLoRAAllocator:
@@ -65,6 +62,7 @@ class IncreLoRAAllocator:
         self.names = list(layers)
         self.layers = list(layers.values())
         self.config = config
+        _check_whole_shapes(layers)
         self.slots = [
             ModuleSlot(n, m.in_features + m.out_features + 1, m.capacity, m.init_rank)
             for n, m in layers.items()
@@ -87,16 +85,21 @@ class IncreLoRAAllocator:
             self.plan.interval if warmup is None else warmup,
         )
         self.ema = ImportanceEMA(len(self.layers), config.beta1, config.beta2)
-        self.optimizer_steps = 0
-        self.allocator_steps = 0
-        self._noop_at = -2  # optimizer step at which the last no-op allocator.step() happened
+        self.guard = StepGuard(
+            self.optimizer,
+            "IncreLoRA",
+            call="allocator.step()",
+            before_step=self._before_optimizer_step,
+            after_step=self._after_optimizer_step,
+        )
+        # fp16 training: the GradScaler whose scale multiplies the captured dense gradient of
+        # the paper score and that skips steps. Taken from accelerate's optimizer wrapper (HF
+        # Trainer, the runner); a plain loop with torch.amp.GradScaler sets it by hand.
+        self.grad_scaler: torch.amp.GradScaler | None = getattr(optimizer, "scaler", None)
+        self._grad_scale = 1.0
         self.growing = True
         self.history: list[dict] = []
         self.rank_trace: list[tuple[int, int]] = [(0, self.total_rank)]
-        self._hooks = [
-            self.optimizer.register_step_pre_hook(self._before_optimizer_step),
-            self.optimizer.register_step_post_hook(self._after_optimizer_step),
-        ]
         if is_main_process():
             logger.info(
                 "IncreLoRA: %d modules, budget %d %ss, schedule init_warmup=%d interval=%d"
@@ -125,35 +128,40 @@ class IncreLoRAAllocator:
         return [m.active_rank for m in self.layers]
 
     def remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        self.guard.remove()
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.guard.optimizer_steps
 
     # ----------------------------------------------------------- optimizer hooks
-    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
-        if self.optimizer_steps > self.allocator_steps:
-            raise RuntimeError(
-                "IncreLoRA: optimizer.step() was called again without allocator.step() after"
-                f" optimizer step {self.optimizer_steps}. Call allocator.step() once after every"
-                " optimizer.step() (before zero_grad); the increlora Trainer callback and"
-                " runner do this for you."
-            )
+    def _before_optimizer_step(self) -> None:
         self.fresh.before_step()
+        # GradScaler unscales parameter grads before this hook, but not the dense gradient the
+        # paper score captured: keep this backward's scale (update() may change it before
+        # allocator.step()). A skipped fp16 step never gets here, and its capture is dropped.
+        scaler = self.grad_scaler
+        capturing = any(layer.grad_product is not None for layer in self.layers)
+        if capturing and scaler is not None and scaler.is_enabled():
+            self._grad_scale = float(scaler.get_scale())
+        else:
+            self._grad_scale = 1.0
 
-    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
-        self.optimizer_steps += 1
-        self.fresh.after_step(self.optimizer_steps)
+    def _after_optimizer_step(self, step: int) -> None:
+        self.fresh.after_step(step)
         for layer in self.layers:
             layer.enforce_unused_zero()
 
     # ------------------------------------------------------------------ the step
     def step(self) -> dict | None:
         """Score, and grow at scheduled steps. Returns the growth event of this step, if any."""
-        if self.allocator_steps == self.optimizer_steps:
-            self._noop_step()
+        scaler = self.grad_scaler
+        t = self.guard.begin(skips_expected=scaler is not None and scaler.is_enabled())
+        if t is None:  # no new optimizer step: drop what this micro-batch captured
+            for layer in self.layers:
+                if layer.grad_product is not None:
+                    layer.grad_product.zero_()
             return None
-        self.allocator_steps = self.optimizer_steps
-        t = self.optimizer_steps
         event = None
         if self.growing:
             if self._scores_at(t):
@@ -163,24 +171,6 @@ class IncreLoRAAllocator:
             self._check_done(t)
         self._set_capture(t + 1)
         return event
-
-    def _noop_step(self) -> None:
-        if self._noop_at == self.optimizer_steps - 1 and self.optimizer_steps > 0:
-            raise RuntimeError(
-                "IncreLoRA: allocator.step() is being called more often than optimizer.step()"
-                " (per micro-batch?). With gradient accumulation call it only when the"
-                " optimizer really steps (accelerate: `if accelerator.sync_gradients`)."
-            )
-        if self._noop_at < 0:
-            warnings.warn(
-                "IncreLoRA: allocator.step() without a new optimizer step (skipped fp16 step?);"
-                " ignored.",
-                stacklevel=3,
-            )
-        self._noop_at = self.optimizer_steps
-        for layer in self.layers:
-            if layer.grad_product is not None:
-                layer.grad_product.zero_()
 
     def _scores_at(self, t: int) -> bool:
         if self.config.score_window is None:
@@ -203,11 +193,20 @@ class IncreLoRAAllocator:
             raw = []
             for layer in self.layers:
                 all_reduce_mean_(layer.grad_product)
+                if self._grad_scale != 1.0:
+                    layer.grad_product.div_(self._grad_scale)
                 raw.append(paper_score(layer))
                 layer.grad_product.zero_()
-        else:
-            raw = [proxy_score(layer) for layer in self.layers]
-        return torch.stack([r.to("cpu", torch.float64) for r in raw])
+            return torch.stack([r.to("cpu", torch.float64) for r in raw])
+        raw = torch.stack([proxy_score(layer).to("cpu", torch.float64) for layer in self.layers])
+        # FSDP: each process scored the entries it holds. Every piece is held by
+        # world_size / num_shards processes, so the mean of raw * num_shards is the whole sum.
+        shards = torch.tensor(
+            [local_shard(layer.lora_A).num_shards for layer in self.layers], dtype=torch.float64
+        )
+        if shards.max() > 1:
+            all_reduce_mean_(raw.mul_(shards))
+        return raw
 
     def _generator(self, t: int, i: int) -> torch.Generator:
         # The same seed on every process: new ranks are identical without communication.
@@ -284,13 +283,7 @@ class IncreLoRAAllocator:
         device = self.layers[0].lora_A.device
         if gamma == 0:
             return torch.zeros((), device=device)
-        total = torch.zeros((), device=device)
-        for layer in self.layers:
-            u = layer.used_rank
-            a, b = layer.lora_A[:u], layer.lora_B[:, :u]
-            eye = torch.eye(u, device=device, dtype=a.dtype)
-            total = total + torch.linalg.matrix_norm(a @ a.T - eye)
-            total = total + torch.linalg.matrix_norm(b.T @ b - eye)
+        total = torch.stack([layer.orthogonality() for layer in self.layers]).sum()
         return gamma * total / (2 * len(self.layers))
 
     # --------------------------------------------------------------------- state
@@ -298,8 +291,8 @@ class IncreLoRAAllocator:
         return {
             "names": list(self.names),
             "ranks": [[m.active_rank, m.used_rank] for m in self.layers],
-            "optimizer_steps": self.optimizer_steps,
-            "allocator_steps": self.allocator_steps,
+            "optimizer_steps": self.guard.optimizer_steps,
+            "allocator_steps": self.guard.controller_steps,
             "growing": self.growing,
             "ema": self.ema.state_dict(),
             "fresh": self.fresh.state_dict(),
@@ -315,8 +308,12 @@ class IncreLoRAAllocator:
             )
         for layer, (active, used) in zip(self.layers, state["ranks"]):
             layer.set_ranks(int(active), int(used))
-        self.optimizer_steps = int(state["optimizer_steps"])
-        self.allocator_steps = int(state["allocator_steps"])
+        self.guard.load_state_dict(
+            {
+                "optimizer_steps": state["optimizer_steps"],
+                "controller_steps": state["allocator_steps"],
+            }
+        )
         self.growing = bool(state["growing"])
         self.ema.load_state_dict(state["ema"])
         self.fresh.load_state_dict(state["fresh"])

@@ -14,6 +14,9 @@ pre-allocated tensors, and after each ``optimizer.step()`` their new values are 
   Adagrad...): the row's step is scaled by ``row_lr / group_lr``.
 
 At activation every optimizer state tensor shaped like the parameter gets those rows zeroed.
+
+Rows are global indices; with FSDP2-sharded parameters (and optimizer states, sharded the
+same way) each process corrects the rows it holds (``increlora.distributed.local_shard``).
 """
 
 from __future__ import annotations
@@ -22,22 +25,33 @@ from dataclasses import dataclass
 
 import torch
 
+from ..distributed import local_shard
 from ..layers.triplet import TripletLayer
 
 
 @dataclass
 class _Rows:
-    param: torch.nn.Parameter
+    param: torch.nn.Parameter  # the key of the optimizer's state and param group
+    local: torch.Tensor  # the part of param this process holds (the whole param if unsharded)
     dim: int
-    index: torch.Tensor
+    index: torch.Tensor  # local indices along dim
     start: torch.Tensor  # step after which the row started training
     old: torch.Tensor
+
+
+def _local(
+    tensor: torch.Tensor, dim: int, index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(local part of tensor, local indices of the held global ``index`` along ``dim``)."""
+    shard = local_shard(tensor)
+    return shard.tensor, shard.local_indices(dim, index)[0].to(shard.tensor.device)
 
 
 def _state_rows_zero(optimizer: torch.optim.Optimizer, p: torch.Tensor, dim: int, idx) -> None:
     for value in optimizer.state.get(p, {}).values():
         if torch.is_tensor(value) and value.shape == p.shape:
-            value.index_fill_(dim, idx.to(value.device), 0)
+            local, local_idx = _local(value, dim, idx)
+            local.index_fill_(dim, local_idx, 0)
 
 
 def _is_adam(optimizer: torch.optim.Optimizer, group: dict) -> bool:
@@ -112,9 +126,16 @@ class FreshRows:
                 (layer.lora_E, 0, self.e_start[i], layer.active_rank),
             ):
                 idx = torch.nonzero(start[:limit] > 0).flatten()
-                if idx.numel():
-                    old = p.index_select(dim, idx.to(p.device)).clone()
-                    self._pending.append(_Rows(p, dim, idx, start[idx], old))
+                if not idx.numel():
+                    continue
+                shard = local_shard(p)
+                local_idx, held = shard.local_indices(dim, idx)
+                if local_idx.numel():
+                    local_idx = local_idx.to(shard.tensor.device)
+                    old = shard.tensor.index_select(dim, local_idx).clone()
+                    self._pending.append(
+                        _Rows(p, shard.tensor, dim, local_idx, start[idx[held]], old)
+                    )
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
@@ -125,19 +146,19 @@ class FreshRows:
             lr_now = float(group["lr"])
             lr_row = self.row_lr(self._peak(group_idx), rows.start, step)
             lr_row = torch.where(torch.isnan(lr_row), torch.full_like(lr_row, lr_now), lr_row)
-            idx = rows.index.to(rows.param.device)
-            shape = [1] * rows.param.dim()
+            idx = rows.index
+            shape = [1] * rows.local.dim()
             shape[rows.dim] = -1
-            lr_row = lr_row.to(rows.param.device, rows.param.dtype).view(shape)
+            lr_row = lr_row.to(rows.local.device, rows.local.dtype).view(shape)
             state = self.optimizer.state.get(rows.param, {})
             if _is_adam(self.optimizer, group) and "exp_avg" in state:
                 new = self._fresh_adam(rows, group, state, idx, lr_row, step)
             elif lr_now > 0:
-                stepped = rows.param.index_select(rows.dim, idx)
+                stepped = rows.local.index_select(rows.dim, idx)
                 new = rows.old + (lr_row / lr_now) * (stepped - rows.old)
             else:
                 continue
-            rows.param.index_copy_(rows.dim, idx, new)
+            rows.local.index_copy_(rows.dim, idx, new)
         self._pending = []
 
     def _fresh_adam(self, rows: _Rows, group: dict, state: dict, idx, lr_row, step: int):
@@ -146,8 +167,9 @@ class FreshRows:
         age = (step - rows.start).to(lr_row.device, torch.float64).view(shape)
         bias1 = (1 - beta1**age).to(lr_row.dtype)
         bias2 = (1 - beta2**age).to(lr_row.dtype)
-        m = state["exp_avg"].index_select(rows.dim, idx)
-        v = state["exp_avg_sq"].index_select(rows.dim, idx)
+        # Optimizer states are laid out (and sharded) like the parameter: same local indices.
+        m = local_shard(state["exp_avg"]).tensor.index_select(rows.dim, idx)
+        v = local_shard(state["exp_avg_sq"]).tensor.index_select(rows.dim, idx)
         update = (m / bias1) / (v.sqrt() / bias2.sqrt() + group["eps"])
         decoupled = group.get(
             "decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW)

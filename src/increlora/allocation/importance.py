@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from ..distributed import gathered_parameters, local_range
 from ..layers.triplet import TripletLayer
 
 
@@ -29,22 +30,36 @@ def proxy_score(layer: TripletLayer) -> torch.Tensor:
 
     AdaLoRA's triplet sensitivity, summed per module. It reads the (accumulated, all-reduced)
     parameter gradients, so it costs no extra matmul and needs no hook.
+
+    With FSDP2-sharded parameters this is the partial sum over the entries this process
+    holds (every term is a plain sum over entries once the means are written as sums / n);
+    the allocator all-reduces the partial sums.
     """
     r = layer.active_rank
-    a, e, b = layer.lora_A, layer.lora_E, layer.lora_B
-    ga, ge, gb = _grad(a, "lora_A"), _grad(e, "lora_E"), _grad(b, "lora_B")
-    s_e = (e[:r] * ge[:r]).abs().float()
-    s_a = (a[:r] * ga[:r]).abs().float().mean(dim=1)
-    s_b = (b[:, :r] * gb[:, :r]).abs().float().mean(dim=0)
-    return (s_e + s_a + s_b).sum()
+    total = torch.zeros((), dtype=torch.float32, device=layer.lora_E.device)
+    for name, dim, norm in (
+        ("lora_E", 0, 1),
+        ("lora_A", 0, layer.in_features),  # mean over d_in per rank
+        ("lora_B", 1, layer.out_features),  # mean over d_out per rank
+    ):
+        p = getattr(layer, name)
+        value = local_range(p, dim, 0, r)[0]
+        grad = local_range(_grad(p, name), dim, 0, r)[0]
+        total += (value * grad).abs().float().sum() / norm
+    return total
 
 
 @torch.no_grad()
 def paper_score(layer: TripletLayer) -> torch.Tensor:
-    """sum_ij |dW_ij G_ij| / sqrt(d_out d_in) with G = dL/d(dW) captured in the backward pass."""
+    """sum_ij |dW_ij G_ij| / sqrt(d_out d_in) with G = dL/d(dW) captured in the backward pass.
+
+    With FSDP2-sharded parameters the small factors are gathered (collective: every process
+    scores every layer in the same order), so the result is whole on every process.
+    """
     if layer.grad_product is None:
         raise RuntimeError("paper importance needs grad capture; it was not enabled")
-    delta = layer.delta_weight().float()
+    with gathered_parameters(layer):
+        delta = layer.delta_weight().float()
     score = (delta * layer.grad_product).abs().sum()
     return score / math.sqrt(layer.out_features * layer.in_features)
 

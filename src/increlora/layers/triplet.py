@@ -11,6 +11,10 @@ forward pass (views, so compute scales with the rank in use, not the capacity):
 * ranks ``[active_rank, u)`` are the reserve ("advance learning"): A and B train, e is held
   at ``new_rank_e`` (the gradient to it is cut);
 * rows ``>= u`` are unused capacity and are kept exactly zero.
+
+Every in-place change outside forward (new rows, zeroing, loading) goes through
+:func:`~increlora.distributed.local_range`, so it also works on FSDP2-sharded parameters:
+each process writes only the rows it holds, addressed by their global index.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..distributed import full_tensor, local_range, local_shard
 from .base import AdapterLayer
 
 
@@ -78,15 +83,21 @@ class TripletLayer(AdapterLayer):
 
     @torch.no_grad()
     def _init_rows(self, start: int, stop: int, generator: torch.Generator | None) -> None:
-        """Fresh ranks: A and B ~ N(0, init_std^2), e = new_rank_e."""
+        """Fresh ranks: A and B ~ N(0, init_std^2), e = new_rank_e.
+
+        Every process draws the whole rows from the same generator and keeps the part it
+        holds, so sharded and whole copies get identical values.
+        """
         if stop <= start:
             return
         n = stop - start
         a = torch.randn(n, self.in_features, generator=generator) * self.init_std
         b = torch.randn(self.out_features, n, generator=generator) * self.init_std
-        self.lora_A[start:stop] = a.to(self.lora_A)
-        self.lora_B[:, start:stop] = b.to(self.lora_B)
-        self.lora_E[start:stop] = self.new_rank_e
+        view, where = local_range(self.lora_A, 0, start, stop)
+        view.copy_(a[where])
+        view, where = local_range(self.lora_B, 1, start, stop)
+        view.copy_(b[where])
+        local_range(self.lora_E, 0, start, stop)[0].fill_(self.new_rank_e)
 
     def _used_e(self) -> torch.Tensor:
         e = self.lora_E[: self.used_rank]
@@ -118,6 +129,17 @@ class TripletLayer(AdapterLayer):
         u = self.used_rank
         return (self.lora_B[:, :u] * (self.lora_E[:u] * self.scaling)) @ self.lora_A[:u]
 
+    def orthogonality(self) -> torch.Tensor:
+        """``||A A^T - I||_F + ||B^T B - I||_F`` over the used ranks (orthogonal regularizer).
+
+        Outside forward, FSDP2 parameters are sharded: they are gathered (a differentiable,
+        collective all-gather of the small factors; each process's backward keeps its shard).
+        """
+        u = self.used_rank
+        a, b = full_tensor(self.lora_A)[:u], full_tensor(self.lora_B)[:, :u]
+        eye = torch.eye(u, device=a.device, dtype=a.dtype)
+        return torch.linalg.matrix_norm(a @ a.T - eye) + torch.linalg.matrix_norm(b.T @ b - eye)
+
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Active ranks as plain LoRA factors: A' = diag(e) A, B' = s B (reserve excluded)."""
         r = self.active_rank
@@ -138,7 +160,7 @@ class TripletLayer(AdapterLayer):
             raise ValueError(f"cannot grow to rank {new_active}: capacity is {self.capacity}")
         new_used = min(self.capacity, new_active + reserve_rank)
         if self.scaling_mode == "rescale":  # keep s * e constant for the existing ranks
-            self.lora_E[:old_active] *= new_active / old_active
+            local_range(self.lora_E, 0, 0, old_active)[0].mul_(new_active / old_active)
         self.active_rank = new_active
         self.used_rank = max(new_used, new_active)
         self._init_rows(old_used, self.used_rank, generator)
@@ -156,11 +178,11 @@ class TripletLayer(AdapterLayer):
         Called after every optimizer step: optimizers may touch rows that had zero gradient
         (AdamW's weight decay, stale moments), and this keeps the invariant for any optimizer.
         """
-        u = self.used_rank
-        self.lora_A[u:] = 0.0
-        self.lora_B[:, u:] = 0.0
-        self.lora_E[u:] = 0.0
-        self.lora_E[self.active_rank : u] = self.new_rank_e
+        u, capacity = self.used_rank, self.capacity
+        local_range(self.lora_A, 0, u, capacity)[0].zero_()
+        local_range(self.lora_B, 1, u, capacity)[0].zero_()
+        local_range(self.lora_E, 0, u, capacity)[0].zero_()
+        local_range(self.lora_E, 0, self.active_rank, u)[0].fill_(self.new_rank_e)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         u = self.used_rank
@@ -191,12 +213,11 @@ class TripletLayer(AdapterLayer):
     def load_adapter_state(self, tensors: dict[str, torch.Tensor], rank_state: dict) -> None:
         self.set_ranks(int(rank_state["active_rank"]), int(rank_state["used_rank"]))
         u = self.used_rank
-        self.lora_A.zero_()
-        self.lora_B.zero_()
-        self.lora_E.zero_()
-        self.lora_A[:u] = tensors["lora_A"]
-        self.lora_E[:u] = tensors["lora_E"]
-        self.lora_B[:, :u] = tensors["lora_B"]
+        for key, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
+            param = getattr(self, key)
+            local_shard(param).tensor.zero_()
+            view, where = local_range(param, dim, 0, u)
+            view.copy_(tensors[key][where])
 
     def set_ranks(self, active_rank: int, used_rank: int) -> None:
         """Restore rank bookkeeping (loading a saved adapter or a checkpoint)."""
