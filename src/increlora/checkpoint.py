@@ -3,9 +3,10 @@
 Everything is stored as JSON + safetensors (no pickle). Adapter tensors are saved at full
 capacity, so a checkpoint taken mid-growth restores bit-exactly.
 
-FSDP2 (sharded parameters and optimizer states): call both functions on every process. Saving
-gathers the sharded tensors (collective) and only the main process writes; loading reads the
-whole tensors on every process and keeps each process's part, sharded like the live ones.
+Several processes: only the main process writes. Under DDP, call saving on the main process
+or on all; under FSDP2 (sharded parameters and optimizer states) call both functions on every
+process: saving gathers the sharded tensors (collective), loading reads the whole tensors on
+every process and keeps each process's part, sharded like the live ones.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def save_training_state(
         with gathered_parameters(adapted.model):
             weights = {n: p.detach() for n, p in adapted.named_trainable_parameters()}
         optimizer_state = _gather(optimizer_state)
-        if not is_main_process():
-            return
+    if not is_main_process():  # one writer: processes calling together must not race
+        return
     with atomic_directory(path) as tmp:
         save_state(tmp, "trainable", weights)
         save_state(tmp, "optimizer", optimizer_state)
