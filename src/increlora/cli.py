@@ -1,0 +1,414 @@
+"""The ``increlora`` command: train, evaluate, export, bench, report.
+
+``increlora train`` with no arguments runs the built-in default job (MiniLM on Rotten
+Tomatoes with IncreLoRA at average rank 2). Configuration is the run's YAML file
+(``--config``, default: the shipped ``default.yaml``) with command-line overrides on top;
+the options are generated from the same dataclasses the Python API uses
+(:mod:`increlora.runner.config`), so their help text is the fields' documentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .assets import AssetError
+from .config import ConfigError
+from .io import AdapterFileError, atomic_write_json
+from .tasks import GlueFormatError, OfflineFormatError
+
+# Errors caused by the user's input: reported as one line, exit code 2, no traceback.
+_INPUT_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    GlueFormatError,
+    OfflineFormatError,
+    FileNotFoundError,
+    AdapterFileError,
+    AssetError,
+)
+
+
+# ----------------------------------------------------------- options from dataclasses
+def _parser_for(hint: Any) -> tuple[Callable[[str], Any] | None, list[str] | None]:
+    """(value parser, choices) for a field's type hint; "none"/"null" mean None if allowed."""
+    if typing.get_origin(hint) is Literal:
+        return None, [str(c) for c in typing.get_args(hint)]
+    members = typing.get_args(hint)
+    optional = type(None) in members
+    kind = next((m for m in members if m is not type(None)), hint)
+
+    def parse(text: str) -> Any:
+        if optional and text.lower() in ("none", "null"):
+            return None
+        if kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+                ) from None
+        return text
+
+    return parse, None
+
+
+def _add_field_options(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    section: str | None,
+    defaults: dict[str, Any],
+    skip: Sequence[str] = (),
+) -> None:
+    """One option per dataclass field; help = the field's help + the default job's value."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or "help" not in f.metadata:
+            continue
+        dest = f"{section}.{f.name}" if section else f.name
+        flag = "--" + f.name.replace("_", "-")
+        value = defaults.get(f.name)
+        help_text = f"{f.metadata['help']} [YAML {dest}; default job: {value}]"
+        if hints[f.name] is bool:
+            parser.add_argument(
+                flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_text
+            )
+            continue
+        parse, choices = _parser_for(hints[f.name])
+        parser.add_argument(
+            flag,
+            dest=dest,
+            type=parse,
+            choices=choices,
+            metavar=None if choices else f.name.upper(),
+            help=help_text,
+        )
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Nested dict of the options actually given (argparse.SUPPRESS hides the others)."""
+    nested: dict[str, Any] = {}
+    for dest, value in vars(args).items():
+        if "." not in dest and dest not in ("model", "output_dir"):
+            continue
+        section, _, name = dest.rpartition(".")
+        (nested.setdefault(section, {}) if section else nested)[name] = value
+    return nested
+
+
+def _method_args(pairs: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values are read as YAML (``4``, ``true``, ``[query, value]``)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--method-arg: expected key=value, got {pair!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--method-arg {pair!r}: value is not valid YAML ({err})") from err
+    return out
+
+
+# ----------------------------------------------------------------------- train
+def _build_run_config(args: argparse.Namespace, base: dict[str, Any] | None = None):
+    from .runner.config import RunConfig, default_run_dict, merge, read_yaml
+
+    config = base if base is not None else default_run_dict()
+    if args.config is not None:
+        config = merge(config, read_yaml(args.config))
+    overrides = _overrides(args)
+    method = dict(config.get("method") or {})
+    method_override = overrides.pop("method", {})
+    if "name" in method_override and method_override["name"] != method.get("name"):
+        # Another method: the previous method's own fields would not fit it.
+        method = {"target_rank": method.get("target_rank")}
+    method.update(method_override)
+    method.update(_method_args(args.method_arg or []))
+    config = merge(config, overrides)
+    config["method"] = method
+    return RunConfig.from_dict(config)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .io import read_json
+    from .runner.loop import run
+    from .runner.outputs import RUN_CONFIG, format_summary
+
+    config = _build_run_config(args)
+    saved = config.resolved_output_dir() / RUN_CONFIG
+    if args.resume and saved.is_file():
+        # Continue the run as it was configured; options given now must not change it.
+        config = _build_run_config(args, base=read_json(saved))
+    if args.print_config:
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+    result = run(config, resume=args.resume)
+    if result.metrics is not None:
+        print(format_summary(result.metrics, result.output_dir))
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .runner.config import DataConfig, MethodSpec, RunConfig, TrainConfig, default_run_dict
+
+    parser = sub.add_parser(
+        "train",
+        help="fine-tune a model on a task (no arguments: the built-in default job)",
+        description="Fine-tune a model on a task. Without options this runs the built-in"
+        " default job (configs/default.yaml): MiniLM on Rotten Tomatoes (mr) with IncreLoRA"
+        " at average rank 2, ~5 minutes on 2 CPU cores. Options override --config.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="run YAML file (sections model, output_dir, data, method, train), or a built-in"
+        " name: default",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        default=False,
+        help="continue the run in --output-dir from its checkpoint (its saved configuration"
+        " is used; options may only change stop_at_step)",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        default=False,
+        help="print the resolved configuration as YAML and exit",
+    )
+    defaults = default_run_dict()
+    _add_field_options(parser, RunConfig, None, defaults, skip=("data", "method", "train"))
+    run_group = parser.add_argument_group("method")
+    run_group.add_argument(
+        "--method",
+        dest="method.name",
+        metavar="NAME",
+        help=MethodSpec.__dataclass_fields__["name"].metadata["help"],
+    )
+    _add_field_options(run_group, MethodSpec, "method", defaults["method"], skip=("name", "args"))
+    run_group.add_argument(
+        "--method-arg",
+        dest="method_arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a field of the method's config (repeatable), e.g. --method-arg top_h=4"
+        " --method-arg 'target_modules=[query, value]'",
+    )
+    _add_field_options(parser.add_argument_group("data"), DataConfig, "data", defaults["data"])
+    _add_field_options(
+        parser.add_argument_group("training"), TrainConfig, "train", defaults["train"]
+    )
+    parser.add_argument(
+        "--lr",
+        dest="train.learning_rate",
+        type=float,
+        metavar="LEARNING_RATE",
+        help="same as --learning-rate",
+    )
+    parser.set_defaults(func=cmd_train)
+
+
+# -------------------------------------------------------------- evaluate / export
+def _eval_settings(args: argparse.Namespace):
+    """Settings for reloading: the run's run_config.json (next to the adapter) + options."""
+    from .io import read_json
+    from .runner.evaluate import EvalSettings
+    from .runner.outputs import RUN_CONFIG
+
+    values: dict[str, Any] = {}
+    saved = Path(args.adapter).parent / RUN_CONFIG
+    if saved.is_file():
+        run = read_json(saved)
+        data = run.get("data", {})
+        values = {
+            "model": run.get("model"),
+            "task": data.get("task"),
+            "data_dir": data.get("data_dir"),
+            "max_length": data.get("max_length"),
+            "eval_size": data.get("eval_size"),
+            "split_seed": data.get("split_seed"),
+        }
+    for key in ("model", "task", "data_dir", "max_length", "eval_size", "split_seed", "batch_size"):
+        if getattr(args, key, None) is not None:
+            values[key] = getattr(args, key)
+    missing = [k for k in ("model", "task") if not values.get(k)]
+    if missing:
+        raise ConfigError(
+            f"--{' and --'.join(missing)} needed (no run_config.json next to {args.adapter})"
+        )
+    return EvalSettings(**{k: v for k, v in values.items() if v is not None})
+
+
+def _add_reload_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--adapter",
+        required=True,
+        help="adapter directory: PEFT (adapter_config.json) or increlora (increlora_config.json)",
+    )
+    parser.add_argument("--model", help="base model (default: the run's, from run_config.json)")
+    parser.add_argument("--task", help="task (default: the run's)")
+    parser.add_argument("--data-dir", help="task data folder (default: the run's)")
+    parser.add_argument("--max-length", type=int, help="tokens per example (default: the run's)")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .runner.evaluate import evaluate_adapter
+
+    result = evaluate_adapter(args.adapter, _eval_settings(args))
+    if args.output:
+        atomic_write_json(args.output, result)
+    print(json.dumps({"task": result["task"], "metrics": result["metrics"]}, indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .runner.export import export_adapter
+
+    settings = _eval_settings(args)
+    written = export_adapter(args.adapter, settings, args.output, args.format)
+    print(f"increlora: wrote {written}")
+    return 0
+
+
+def _add_evaluate_export(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "evaluate",
+        help="evaluate a saved adapter on a task",
+        description="Load the base model with its task head, put the adapter on it, and"
+        " print the task's metrics. Inside a run directory, model/task/data default to the"
+        " run's.",
+    )
+    _add_reload_options(parser)
+    parser.add_argument("--eval-size", type=int, help="evaluate on a subset (default: the run's)")
+    parser.add_argument("--split-seed", type=int, help="seed of splits (default: the run's)")
+    parser.add_argument("--batch-size", type=int, help="examples per batch (default 64)")
+    parser.add_argument("--output", help="also write the metrics JSON to this file")
+    parser.set_defaults(func=cmd_evaluate)
+
+    parser = sub.add_parser(
+        "export",
+        help="convert a saved adapter: to PEFT LoRA, or merged into a full model",
+        description="--format peft: an increlora adapter to a PEFT LoRA adapter directory."
+        " --format merged: base + adapter folded into one model saved with save_pretrained"
+        " (with its tokenizer), loadable without increlora or peft.",
+    )
+    _add_reload_options(parser)
+    parser.add_argument("--output", required=True, help="directory to write")
+    parser.add_argument("--format", choices=("peft", "merged"), default="merged")
+    parser.set_defaults(func=cmd_export)
+
+
+# ---------------------------------------------------------------- bench / report
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .runner.bench import run_bench
+
+    summary = run_bench(args.spec, output_dir=args.output_dir, dry_run=args.dry_run)
+    return 1 if summary["failed"] else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .runner.report import write_report
+
+    path = write_report(args.directory, args.output)
+    print(Path(path).read_text(encoding="utf-8"))
+    return 0
+
+
+def _add_bench_report(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "bench",
+        help="run a matrix of methods x tasks x budgets x sizes x seeds (resumable)",
+        description="Run every combination of a bench spec. Finished runs are skipped and"
+        " interrupted ones resumed, so a long matrix can be run in several sittings.",
+    )
+    parser.add_argument("spec", help="bench YAML file, or the built-in name cpu_bench")
+    parser.add_argument("--output-dir", help="bench directory (default: the spec's output_dir)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    parser.set_defaults(func=cmd_bench)
+
+    parser = sub.add_parser(
+        "report",
+        help="markdown table (mean +- std over seeds) and plots of a bench directory",
+    )
+    parser.add_argument("directory", help="bench directory (holds run directories)")
+    parser.add_argument("--output", help="markdown file (default: DIRECTORY/report.md)")
+    parser.set_defaults(func=cmd_report)
+
+
+# ------------------------------------------------------------------------ main
+class _TqdmHandler(logging.Handler):
+    """Log lines that do not break a progress bar on screen."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _setup_logging() -> None:
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("increlora: %(message)s"))
+    root = logging.getLogger("increlora")
+    if not any(isinstance(h, _TqdmHandler) for h in root.handlers):
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # we report newly initialized heads ourselves
+        hf_logging.disable_progress_bar()  # weight loading takes seconds: no bar needed
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="increlora",
+        description="Fine-tune with IncreLoRA (rank grows during training) and its baselines.",
+    )
+    parser.add_argument("--version", action="version", version=f"increlora {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    _add_evaluate_export(sub)
+    _add_bench_report(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``increlora`` console script; returns the exit code."""
+    from .runner.data import DataError
+    from .runner.loop import TrainingStopped
+    from .runner.model import ModelLoadError
+
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        return args.func(args)
+    except TrainingStopped as err:
+        print(f"increlora: {err}", file=sys.stderr)
+        return err.exit_code
+    except (*_INPUT_ERRORS, DataError, ModelLoadError) as err:
+        print(f"increlora: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("increlora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

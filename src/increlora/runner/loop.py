@@ -1,0 +1,603 @@
+"""The training loop, on Hugging Face accelerate (mixed precision, accumulation, processes).
+
+Per optimizer step: forward, ``loss + controller.regularization_loss()``, backward, clip,
+``optimizer.step()``, then ``controller.step()`` (IncreLoRA's growth) and the LR scheduler,
+then ``zero_grad()``. Evaluation, best-adapter export and a checkpoint happen every
+``eval_every`` steps (or epoch). SIGINT/SIGTERM stop at the next step boundary with a
+checkpoint that ``--resume`` continues bit-exactly (same data order, RNG and growth state).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoint import load_training_state, save_training_state
+from ..io import atomic_write_json, read_json
+from ..methods import get_method
+from . import outputs as O
+from .config import RunConfig, default_learning_rate
+from .data import TokenizedDataset, eval_loader, load_checked, train_loader
+from .evaluate import evaluate, main_metric
+from .model import adapt, load_model, max_tokens
+from .plots import plot_allocation, plot_ranks
+
+logger = logging.getLogger("increlora.runner")
+
+
+class TrainingStopped(RuntimeError):
+    """The run ended early; ``exit_code`` is what the command-line tool returns."""
+
+    exit_code = 1
+
+
+class TrainingInterrupted(TrainingStopped):
+    """Ctrl-C / SIGTERM: a checkpoint was written (when possible) for ``--resume``."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class TrainingDiverged(TrainingStopped):
+    """The loss became NaN or infinite; the last good checkpoint was kept."""
+
+    exit_code = 3
+
+
+@dataclass
+class RunResult:
+    """Where a run's files are, whether it finished, and its metrics.json content."""
+
+    output_dir: Path
+    status: str  # "finished" or "stopped" (stop_at_step reached; continue with --resume)
+    metrics: dict[str, Any] | None = None
+
+
+def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The task loss of one micro-batch (a seam: tests inject faults here)."""
+    return model(**batch).loss
+
+
+class _Signals:
+    """SIGINT/SIGTERM set ``received``; the loop stops at the next step boundary.
+
+    A second signal raises KeyboardInterrupt at once (the loop still saves the last
+    boundary's state when the interruption did not land inside an optimizer update).
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        O.say(
+            f"{signal.Signals(signum).name} received: stopping after this step with a"
+            " checkpoint (send it again to stop at once)"
+        )
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                # An ignored signal stays ignored (nohup, `cmd &` in scripts ignore SIGINT).
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """One run: setup from a RunConfig, the loop, evaluation, checkpoints and outputs."""
+
+    def __init__(self, config: RunConfig, resume: bool = False) -> None:
+        from accelerate import Accelerator
+
+        self.config = config
+        self.resume = resume
+        self.out = config.resolved_output_dir()
+        self.sitting_start = time.time()
+        train = config.train
+        self.accelerator = Accelerator(
+            mixed_precision=train.mixed_precision,
+            gradient_accumulation_steps=train.gradient_accumulation_steps,
+        )
+        self.main = self.accelerator.is_main_process
+        self.log = O.RunLog(self.out / O.TRAIN_LOG, enabled=self.main)
+        # Progress counters, all restored from a checkpoint on resume.
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.best: dict[str, Any] | None = None
+        self.last_eval: dict[str, Any] | None = None
+        self.exported_step: int | None = None
+        self.peft_error: str | None = None
+        self.prior_elapsed = 0.0
+        self.train_time = 0.0
+        self.loss_window: list[float] = []  # task losses since the last train log record
+        self.last_checkpoint_step: int | None = None
+        self.busy: str | None = None  # what is running while the state is between boundaries
+
+    # ------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        """Data, model, method, optimizer, schedules and controller (then the checkpoint)."""
+        from accelerate.utils import set_seed
+        from transformers import get_linear_schedule_with_warmup
+
+        cfg, acc = self.config, self.accelerator
+        get_method(cfg.method.name)  # an unknown method fails before minutes of loading
+        set_seed(cfg.train.seed)
+        data_cfg = cfg.data
+        self.data = load_checked(
+            data_cfg.task,
+            data_cfg.data_dir,
+            seed=cfg.train.seed,
+            train_size=data_cfg.train_size,
+            eval_size=data_cfg.eval_size,
+            split_seed=data_cfg.split_seed,
+        )
+        task = self.data.task
+        self.loaded = load_model(cfg.model, task)
+        self.adapted = adapt(cfg.method, self.loaded, cfg.train.seed)
+        tokenizer = self.loaded.tokenizer
+        max_length = max_tokens(self.loaded, data_cfg.max_length)
+        train_set = TokenizedDataset(task, self.data.train, tokenizer, max_length)
+        loader, self.sampler = train_loader(
+            train_set, tokenizer, cfg.train.batch_size, cfg.train.seed
+        )
+        evals = {
+            split: eval_loader(
+                TokenizedDataset(task, examples, tokenizer, max_length),
+                tokenizer,
+                cfg.train.eval_batch_size,
+            )
+            for split, examples in self.data.evals.items()
+        }
+        self.learning_rate = cfg.train.learning_rate or default_learning_rate(cfg.method.name)
+        torch_optimizer = torch.optim.AdamW(
+            self.adapted.trainable_parameters(),
+            lr=self.learning_rate,
+            weight_decay=cfg.train.weight_decay,
+        )
+        prepared = acc.prepare(self.loaded.model, torch_optimizer, loader, *evals.values())
+        self.model, self.optimizer, self.train_loader = prepared[:3]
+        self.eval_loaders = dict(zip(evals, prepared[3:]))
+        accumulation = cfg.train.gradient_accumulation_steps
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / accumulation)
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        self.warmup_steps = round(cfg.train.warmup_ratio * self.total_steps)
+        # Not passed to accelerator.prepare: its wrapper steps a scheduler once per process
+        # per optimizer step; stepping it ourselves keeps the schedule in optimizer steps.
+        self.scheduler = get_linear_schedule_with_warmup(
+            torch_optimizer, self.warmup_steps, self.total_steps
+        )
+        # After prepare: the controller hooks the torch optimizer inside accelerate's wrapper.
+        self.controller = self.adapted.controller(self.optimizer, total_steps=self.total_steps)
+
+    def restore(self) -> None:
+        """Continue from ``checkpoint/`` (resume), or start the log of a fresh run."""
+        checkpoint = self.out / O.CHECKPOINT
+        if self.resume and checkpoint.is_dir():
+            extra = load_training_state(
+                checkpoint, self.adapted, self.optimizer, self.controller, self.scheduler
+            )
+            fingerprint = self.data.split_info["sha256"]
+            if extra["data_sha256"] != fingerprint:
+                raise O.RunDirError(
+                    f"{checkpoint}: the task data differ from the data this run was trained on"
+                    f" (sha256 {extra['data_sha256']} vs {fingerprint}); was a data file"
+                    " edited? Start a new run with a new --output-dir."
+                )
+            if torch.cuda.is_available() and extra.get("cuda_rng"):
+                torch.cuda.set_rng_state_all(extra["cuda_rng"])
+            if self.accelerator.scaler is not None and extra.get("scaler"):
+                self.accelerator.scaler.load_state_dict(extra["scaler"])
+            for key in ("step", "epoch", "batch_in_epoch", "exported_step"):
+                setattr(self, key, extra[key])
+            self.best, self.last_eval = extra["best"], extra["last_eval"]
+            self.peft_error = extra["peft_error"]
+            self.prior_elapsed, self.train_time = extra["elapsed_s"], extra["train_time_s"]
+            self.loss_window = list(extra["loss_window"])
+            self.last_checkpoint_step = self.step
+            self.log.truncate_after(self.step)
+            self.log.write({"event": "resume", "step": self.step})
+            self._say(f"resumed {self.out} at step {self.step}/{self.total_steps}")
+            return
+        if self.main and self.log.path.exists():
+            self.log.path.unlink()  # --resume before the first checkpoint: start over
+        self.log.write(
+            {
+                "event": "start",
+                "step": 0,
+                "total_steps": self.total_steps,
+                "steps_per_epoch": self.steps_per_epoch,
+                "learning_rate": self.learning_rate,
+                "ranks": self.adapted.rank_pattern(),
+                "plan": _plan(self.controller),
+                "trainable_params": self.adapted.num_trainable_parameters(),
+            }
+        )
+
+    # -------------------------------------------------------------------------- loop
+    def train(self) -> RunResult:
+        with _Signals() as signals:
+            try:
+                stopped = self._loop(signals)
+            except KeyboardInterrupt:
+                self._interrupted(None)
+        if stopped:
+            return RunResult(self.out, "stopped")
+        return self.finish()
+
+    def _loop(self, signals: _Signals) -> bool:
+        """Train to ``total_steps``; True when stopped early at ``stop_at_step``."""
+        cfg, acc = self.config.train, self.accelerator
+        self.boundary_rng = torch.get_rng_state()
+        self.model.train()
+        progress = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=None if self.main else True,
+            dynamic_ncols=True,
+        )
+        with progress:
+            while self.step < self.total_steps:
+                self.sampler.set_epoch(self.epoch)
+                self.train_loader.set_epoch(self.epoch)
+                batches = self.train_loader
+                if self.batch_in_epoch:
+                    from accelerate import skip_first_batches
+
+                    batches = skip_first_batches(self.train_loader, self.batch_in_epoch)
+                consumed = self.batch_in_epoch
+                tick = time.time()
+                for batch in batches:
+                    consumed += 1
+                    with acc.accumulate(self.model):
+                        loss = compute_loss(self.model, batch)
+                        self._check_finite(loss)
+                        self.loss_window.append(float(loss.detach()))
+                        acc.backward(loss + self.controller.regularization_loss())
+                        if not acc.sync_gradients:
+                            continue
+                        self.busy = "an optimizer update"
+                        if cfg.max_grad_norm is not None:
+                            acc.clip_grad_norm_(
+                                self.adapted.trainable_parameters(), cfg.max_grad_norm
+                            )
+                        self.optimizer.step()
+                        event = None
+                        if not acc.optimizer_step_was_skipped:  # fp16 overflow: nothing happened
+                            event = self.controller.step()
+                            self.scheduler.step()
+                        self.optimizer.zero_grad()
+                    end_of_epoch = consumed == len(self.train_loader)
+                    self.epoch, self.batch_in_epoch = (
+                        (self.epoch + 1, 0) if end_of_epoch else (self.epoch, consumed)
+                    )
+                    self.step += 1
+                    self.train_time += time.time() - tick
+                    progress.update(1)
+                    self._log_step(event, progress)
+                    self.boundary_rng = torch.get_rng_state()
+                    self.busy = None
+                    due = (
+                        self.step % cfg.eval_every == 0
+                        if cfg.eval_every is not None
+                        else end_of_epoch
+                    )
+                    if due or self.step == self.total_steps:
+                        self._evaluate()
+                    tick = time.time()
+                    if self.step == cfg.stop_at_step and self.step < self.total_steps:
+                        self._checkpoint()
+                        self._say(
+                            f"stopped at step {self.step} (stop_at_step); continue with"
+                            f" `increlora train --resume --output-dir {self.out}`"
+                        )
+                        return True
+                    if signals.received is not None:
+                        self._interrupted(signals.received)
+                    if self.step >= self.total_steps:
+                        break
+        return False
+
+    def _log_step(self, event: dict | None, progress: tqdm) -> None:
+        """The growth event of this step, and every ``log_every`` steps a train record."""
+        if event is not None:
+            self.log.write({"event": "growth", **event})
+        if self.step % self.config.train.log_every and self.step != self.total_steps:
+            return
+        window = self.loss_window
+        total_rank = sum(self.adapted.rank_pattern().values())
+        record = {
+            "event": "train",
+            "step": self.step,
+            "epoch": round(self.step / self.steps_per_epoch, 3),
+            "loss": sum(window) / max(1, len(window)),
+            "reg_loss": float(self.controller.regularization_loss().detach()),
+            "lr": self.scheduler.get_last_lr()[0],
+            "total_rank": total_rank,
+            "trainable_params": self.adapted.num_trainable_parameters(),
+            "train_time_s": round(self.train_time, 3),
+        }
+        window.clear()
+        self.log.write(record)
+        progress.set_postfix(
+            loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", rank=total_rank
+        )
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0, device=loss.device)
+        if float(self.accelerator.reduce(bad, reduction="sum")) == 0:
+            return
+        kept = (
+            f"the last good checkpoint (step {self.last_checkpoint_step}) is kept in"
+            f" {self.out / O.CHECKPOINT}"
+            if self.last_checkpoint_step is not None
+            else "no checkpoint had been written yet"
+        )
+        self.log.write({"event": "diverged", "step": self.step + 1, "loss": float(loss.detach())})
+        raise TrainingDiverged(
+            f"the loss became {float(loss.detach())} at step {self.step + 1} (epoch"
+            f" {self.epoch}); training stopped and {kept}. Lower the learning rate"
+            f" (now {self.learning_rate:g}), keep max_grad_norm set, or use fp32, and start a new"
+            " run with a new --output-dir."
+        )
+
+    def _interrupted(self, signum: int | None) -> None:
+        """Save the last step boundary's state (when consistent) and stop."""
+        name = signal.Signals(signum).name if signum is not None else "KeyboardInterrupt"
+        command = f"increlora train --resume --output-dir {self.out}"
+        if self.busy is not None:
+            kept = (
+                f"the checkpoint of step {self.last_checkpoint_step} is kept"
+                if self.last_checkpoint_step is not None
+                else "no checkpoint exists yet"
+            )
+            raise TrainingInterrupted(
+                f"{name} during {self.busy}: that state is incomplete and was not saved; {kept}."
+                f" Continue with `{command}`.",
+                signum or signal.SIGINT,
+            )
+        if self.step != self.last_checkpoint_step and self.step > 0:
+            torch.set_rng_state(self.boundary_rng)  # the RNG as the next step would find it
+            self._checkpoint()
+        self.log.write({"event": "interrupt", "step": self.step, "signal": name})
+        raise TrainingInterrupted(
+            f"{name}: stopped at step {self.step}/{self.total_steps} with a checkpoint in"
+            f" {self.out / O.CHECKPOINT}; continue with `{command}`",
+            signum or signal.SIGINT,
+        )
+
+    # -------------------------------------------------------------- eval and saving
+    def _evaluate(self) -> None:
+        """Evaluate, export the adapter if it is the best so far, checkpoint."""
+        self.busy = "evaluation and saving"
+        task = self.data.task
+        metrics = evaluate(self.model, self.eval_loaders, task, self.accelerator)
+        value = main_metric(task, metrics)
+        improved = self.best is None or value > self.best["value"]
+        if improved:
+            self.best = {"step": self.step, "value": value, "metrics": metrics}
+        self.last_eval = {"step": self.step, "metrics": metrics}
+        self.log.write(
+            {
+                "event": "eval",
+                "step": self.step,
+                "metrics": metrics,
+                "main": value,
+                "best": improved,
+            }
+        )
+        self._say(
+            f"step {self.step}/{self.total_steps}: {task.main_metric} {value:.4f}"
+            f" (best {self.best['value']:.4f} at step {self.best['step']})"
+        )
+        select_best = self.config.train.select_best
+        if (improved and select_best) or (not select_best and self.step == self.total_steps):
+            self._export()
+        self._checkpoint()
+        self.busy = None
+
+    def _export(self) -> None:
+        """Write ``increlora_adapter/`` and the PEFT ``adapter/`` of the current model."""
+        if self.main:
+            self.adapted.save(self.out / O.OWN_ADAPTER)
+            try:
+                self.adapted.export_peft(
+                    self.out / O.PEFT_ADAPTER,
+                    base_model_name_or_path=self.loaded.resolved.path,
+                    task_type="SEQ_CLS",
+                )
+            except NotImplementedError as err:
+                self.peft_error = str(err)
+        self.exported_step = self.step
+
+    def _checkpoint(self) -> None:
+        if self.last_checkpoint_step == self.step:
+            return
+        if self.main:
+            self._write_checkpoint()
+        self.last_checkpoint_step = self.step
+
+    def _write_checkpoint(self) -> None:
+        scaler = self.accelerator.scaler
+        extra = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "best": self.best,
+            "last_eval": self.last_eval,
+            "exported_step": self.exported_step,
+            "peft_error": self.peft_error,
+            "loss_window": list(self.loss_window),
+            "elapsed_s": self.prior_elapsed + time.time() - self.sitting_start,
+            "train_time_s": self.train_time,
+            "data_sha256": self.data.split_info["sha256"],
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "scaler": scaler.state_dict() if scaler is not None else None,
+        }
+        save_training_state(
+            self.out / O.CHECKPOINT,
+            self.adapted,
+            self.optimizer,
+            self.controller,
+            self.scheduler,
+            extra,
+        )
+
+    # ------------------------------------------------------------------------ finish
+    def finish(self) -> RunResult:
+        """Plots and metrics.json (the last file written: it marks a finished run)."""
+        self.accelerator.wait_for_everyone()
+        if not self.main:
+            return RunResult(self.out, "finished")
+        metrics = self._metrics()
+        self._plots(metrics)
+        self.log.write({"event": "end", "step": self.step})
+        atomic_write_json(self.out / O.METRICS, metrics)
+        return RunResult(self.out, "finished", metrics)
+
+    def _metrics(self) -> dict[str, Any]:
+        assert self.best is not None and self.last_eval is not None
+        task = self.data.task
+        ranks = self.adapted.rank_pattern()
+        elapsed = self.prior_elapsed + time.time() - self.sitting_start
+        peft_ok = self.peft_error is None
+        return {
+            "status": "finished",
+            "model": self.config.model,
+            "model_path": self.loaded.resolved.path,
+            "task": task.name,
+            "method": self.config.method.name,
+            "target_rank": self.config.method.target_rank,
+            "seed": self.config.train.seed,
+            "main_metric": task.main_metric,
+            "eval_split": task.eval_splits[0],
+            "final": self.last_eval,
+            "best": self.best,
+            "adapter": {
+                "step": self.exported_step,
+                "selected": "best" if self.config.train.select_best else "final",
+                "peft": O.PEFT_ADAPTER if peft_ok else None,
+                "peft_unavailable": self.peft_error,
+                "increlora": O.OWN_ADAPTER,
+            },
+            "trainable_params": self.adapted.num_trainable_parameters(),
+            "ranks": ranks,
+            "total_rank": sum(ranks.values()),
+            "steps": self.step,
+            "total_steps": self.total_steps,
+            "steps_per_epoch": self.steps_per_epoch,
+            "wall_time_s": round(elapsed, 2),
+            "train_time_s": round(self.train_time, 2),
+            "steps_per_second": round(self.step / self.train_time, 4) if self.train_time else None,
+            "peak_memory_mb": O.peak_memory_mb(),
+            "versions": O.package_versions(),
+            "data": self.data.split_info,
+            "config": self.config.to_dict(),
+            "resolved": {
+                "learning_rate": self.learning_rate,
+                "warmup_steps": self.warmup_steps,
+                "trained_modules": self.loaded.trained_modules,
+                "method_config": self.adapted.config.to_dict(),
+                "plan": _plan(self.controller),
+            },
+        }
+
+    def _plots(self, metrics: dict[str, Any]) -> None:
+        ranks = metrics["ranks"]
+        if not ranks:
+            return
+        what = f"{self.config.method.name}, {Path(self.config.model).name}, {self.data.task.name}"
+        plot_ranks(
+            ranks,
+            self.out / O.RANKS_PLOT,
+            f"Final rank per module\n{what}, total rank {sum(ranks.values())}",
+        )
+        records = O.read_log(self.out / O.TRAIN_LOG)
+        start = next(r for r in records if r["event"] == "start")
+        plan = start.get("plan") or {}
+        plot_allocation(
+            start["ranks"],
+            [r for r in records if r["event"] == "growth"],
+            self.total_steps,
+            self.out / O.ALLOCATION_PLOT,
+            f"Active rank per module type during training ({what})",
+            budget=plan.get("budget") if plan.get("unit") == "rank" else None,
+        )
+
+    def _say(self, message: str) -> None:
+        if self.main:
+            O.say(message)
+
+
+def _plan(controller: Any) -> dict[str, Any] | None:
+    plan = getattr(controller, "plan", None)
+    return plan.to_dict() if plan is not None else None
+
+
+def _check_run_dir(config: RunConfig, resume: bool, accelerator: Any) -> None:
+    """Check the run directory on every process before any of them writes to it."""
+    error = None
+    try:
+        O.check_run_dir(config.resolved_output_dir(), config.to_dict(), resume)
+    except O.RunDirError as err:
+        error = err
+    accelerator.wait_for_everyone()
+    if error is not None:
+        raise error
+
+
+def run(config: RunConfig, resume: bool = False) -> RunResult:
+    """Train (or continue) one run; returns when it finished or stopped at stop_at_step.
+
+    Raises TrainingInterrupted / TrainingDiverged (with a message for the user), RunDirError
+    for a directory holding another run, and ConfigError / DataError / ModelLoadError for bad
+    input.
+    """
+    out = config.resolved_output_dir()
+    if resume and (out / O.METRICS).is_file() and (out / O.RUN_CONFIG).is_file():
+        O.check_run_dir(out, config.to_dict(), resume=True)
+        O.say(f"{out} already finished; nothing to resume")
+        return RunResult(out, "finished", read_json(out / O.METRICS))
+    trainer = Trainer(config, resume)
+    try:
+        _check_run_dir(config, resume, trainer.accelerator)
+        trainer.setup()
+        if trainer.main:  # claimed only once the run set up: a typo must not lock the directory
+            O.write_run_config(out, config.to_dict())
+        trainer.restore()
+        return trainer.train()
+    finally:
+        _release(trainer.accelerator)
+
+
+def _release(accelerator: Any) -> None:
+    """Let the next run in this process pick its own accelerate settings.
+
+    accelerate keeps one process-wide state and refuses a second Accelerator with other
+    settings (a bench whose runs differ in mixed precision); the process group stays.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    accelerator.free_memory()
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()

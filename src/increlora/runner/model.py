@@ -1,0 +1,155 @@
+"""Loading a base model with the head a task needs, and building the method's config for it."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..adapter import AdaptedModel, inject
+from ..assets import MODEL_ALIASES, ResolvedModel, resolve_model
+from ..config import AdapterConfig
+from ..methods import get_method
+from ..tasks import TaskSpec
+from .config import MethodSpec
+
+logger = logging.getLogger("increlora.runner")
+
+HEAD_MODULES = ("classifier", "score")
+"""Names of sequence-classification heads in transformers (encoders / decoders)."""
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be found or loaded; the message says what was tried."""
+
+
+@dataclass
+class LoadedModel:
+    """A base model with a task head, its tokenizer, and what must train in full."""
+
+    model: nn.Module
+    tokenizer: Any
+    resolved: ResolvedModel
+    trained_modules: list[str]  # the head and any module the checkpoint did not hold
+
+
+def load_model(name: str, task: TaskSpec) -> LoadedModel:
+    """Load ``name`` (alias, local path or hub id) with a classification/regression head.
+
+    Decoders (Llama, GPT-2...) get their ``ForSequenceClassification`` class (last-token
+    pooling), which needs a pad token: the EOS token is used when the tokenizer has none.
+    Modules the checkpoint does not hold (the new head, sometimes a pooler) are returned in
+    ``trained_modules`` so they train and are saved with the adapter: left frozen they would
+    stay random and differ between the training run and a later reload.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        resolved = resolve_model(name)
+    except FileNotFoundError as err:
+        raise ModelLoadError(str(err)) from err
+    kwargs = resolved.pretrained_kwargs()
+    try:
+        config = AutoConfig.from_pretrained(resolved.path, num_labels=task.num_labels, **kwargs)
+        config.problem_type = "regression" if task.is_regression else "single_label_classification"
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path, **kwargs)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            resolved.path,
+            config=config,
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
+            **kwargs,
+        )
+    except (OSError, ValueError, KeyError) as err:
+        where = "local folder" if os.path.exists(resolved.path) else "Hugging Face hub id"
+        close = difflib.get_close_matches(name, MODEL_ALIASES, n=1)
+        hint = f" Did you mean the alias {close[0]!r}?" if close else ""
+        raise ModelLoadError(
+            f"could not load model {name!r} ({where} {resolved.path}): {str(err).rstrip('.')}."
+            f"{hint} Pass a built-in alias ({', '.join(MODEL_ALIASES)}), a folder written by"
+            " save_pretrained, or a hub id reachable from this machine."
+        ) from err
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"tokenizer of {name!r} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model, tokenizer, resolved, _trained_modules(model, info))
+
+
+def max_tokens(loaded: LoadedModel, requested: int) -> int:
+    """``requested``, lowered to what the model's position embeddings and tokenizer allow."""
+    limits = [
+        requested,
+        getattr(loaded.model.config, "max_position_embeddings", None) or requested,
+        getattr(loaded.tokenizer, "model_max_length", None) or requested,
+    ]
+    allowed = min(limits)
+    if allowed < requested:
+        logger.info("max_length %d exceeds what the model takes: using %d", requested, allowed)
+    return allowed
+
+
+def _trained_modules(model: nn.Module, info: dict[str, Any]) -> list[str]:
+    params = dict(model.named_parameters())
+    names = [n for n, _ in model.named_children() if n in HEAD_MODULES]
+    for key in sorted(set(info.get("missing_keys", ())) | _mismatched(info)):
+        if key in params:
+            module = key.rpartition(".")[0]
+            if not any(module == n or module.startswith(n + ".") for n in names):
+                names.append(module)
+    return names
+
+
+def _mismatched(info: dict[str, Any]) -> set[str]:
+    # Entries are (key, checkpoint shape, model shape) tuples or plain keys by version.
+    return {m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys", ())}
+
+
+def method_config(
+    spec: MethodSpec, model: nn.Module, trained: list[str], seed: int
+) -> AdapterConfig:
+    """The method's config for this model: spec fields, the head, the seed, the budget.
+
+    ``spec.target_rank`` is an average rank: a method whose config has a ``target_rank``
+    field takes it as is (IncreLoRA, AdaLoRA: the papers' budget); other methods are sized to
+    the trainable-parameter count of LoRA at that rank with
+    :func:`increlora.budget.match_budget`; methods without a size (full fine-tuning) ignore
+    it. A budget in the method's own fields (``target_params``) takes precedence.
+    """
+    cls = get_method(spec.name)
+    config_cls = cls.config_class
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    args = dict(spec.args)
+    # Methods without adapter layers (full fine-tuning) train every module anyway.
+    if "modules_to_save" not in args and not hasattr(cls, "inject_model"):
+        args["modules_to_save"] = list(trained)
+    if "seed" in fields and "seed" not in args:
+        args["seed"] = seed
+    target_rank = spec.target_rank
+    if args.get("target_params") is not None:
+        args["target_rank"] = None
+        target_rank = None
+    if target_rank is None:
+        return config_cls.from_dict(args)
+    if "target_rank" in fields:
+        return config_cls.from_dict({**args, "target_rank": target_rank})
+    if getattr(cls, "size_field", None) is None:
+        logger.info("method %s has no size: target_rank %s ignored", spec.name, target_rank)
+        return config_cls.from_dict(args)
+    from ..budget import match_budget  # only methods sized by parameter count need it
+
+    return match_budget(
+        spec.name, model, average_rank=target_rank, base_config=config_cls.from_dict(args)
+    )
+
+
+def adapt(spec: MethodSpec, loaded: LoadedModel, seed: int) -> AdaptedModel:
+    """Inject the method into the loaded model (in place) and return the handle."""
+    config = method_config(spec, loaded.model, loaded.trained_modules, seed)
+    return inject(loaded.model, config, method=spec.name)

@@ -1,0 +1,469 @@
+"""``increlora`` end to end on a tiny BERT saved to disk and the GLUE TSV fixtures.
+
+Every run goes through ``cli.main`` in-process. Interruptions are simulated at the loop's
+``compute_loss`` seam: a real SIGTERM sent to this process, a KeyboardInterrupt raised in the
+middle of a step, a NaN loss. Resumed runs must reproduce the uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from increlora import cli
+from increlora.runner import loop
+
+GLUE = Path(__file__).parent / "fixtures" / "glue"
+WORDS = (
+    "the a is of and to it film movie good bad great not very story fun boring plot man woman"
+    " dog horse playing guitar chess riding hard hat dancing child plane cheese pizza"
+).split()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-16 BERT and a WordPiece tokenizer, saved like a hub model."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(WORDS))]
+    vocab += [*letters, *".,'-", *(f"##{c}" for c in letters)]
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def train_args(model: Path, out: Path, *extra: str, task: str = "sst2") -> list[str]:
+    """A 10-step run whose growth (rounds at steps 2, 4, 6, 8) spans every interruption."""
+    return [
+        "train",
+        "--model",
+        str(model),
+        "--task",
+        task,
+        "--data-dir",
+        str(GLUE),
+        "--train-size",
+        "none",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "10",
+        "--eval-every",
+        "3",
+        "--log-every",
+        "1",
+        "--output-dir",
+        str(out),
+        "--method-arg",
+        "init_warmup=1",
+        "--method-arg",
+        "interval=2",
+        "--method-arg",
+        "top_h=3",
+        *extra,
+    ]
+
+
+def log_records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, tmp_path_factory) -> Path:
+    """The uninterrupted run every interrupted-and-resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("runs") / "reference"
+    assert cli.main(train_args(tiny_model, out)) == 0
+    return out
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Same metrics, adapter tensors and log (apart from resume events and timings)."""
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    for key in ("final", "best", "ranks", "trainable_params", "steps", "adapter"):
+        assert ma[key] == mb[key], key
+    ta, tb = (load_file(d / "increlora_adapter" / "adapter.safetensors") for d in (a, b))
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key
+
+    def replay(out: Path) -> list[dict]:
+        records = [r for r in log_records(out) if r["event"] not in ("resume", "interrupt")]
+        return [{k: v for k, v in r.items() if k != "train_time_s"} for r in records]
+
+    assert replay(a) == replay(b)
+
+
+# ------------------------------------------------------------------ outputs contract
+def test_train_writes_the_output_contract(reference: Path) -> None:
+    files = {p.name for p in reference.iterdir()}
+    assert {
+        "run_config.json",
+        "metrics.json",
+        "train_log.jsonl",
+        "adapter",
+        "increlora_adapter",
+        "ranks.png",
+        "rank_allocation.png",
+        "checkpoint",
+    } <= files
+    assert not [f for f in files if f.startswith(".")], "temporary files left behind"
+    metrics = json.loads((reference / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["steps"] == 10
+    assert set(metrics["final"]["metrics"]["validation"]) == {"accuracy"}
+    assert metrics["best"]["value"] == max(
+        r["main"] for r in log_records(reference) if r["event"] == "eval"
+    )
+    assert metrics["total_rank"] == sum(metrics["ranks"].values()) == 24  # 12 modules x 2
+    assert len(metrics["ranks"]) == 12
+    assert metrics["trainable_params"] > 0 and metrics["steps_per_second"] > 0
+    assert metrics["wall_time_s"] > 0 and metrics["peak_memory_mb"]["cpu_rss"] > 0
+    assert {"torch", "transformers", "accelerate", "increlora"} <= set(metrics["versions"])
+    assert metrics["config"]["method"]["name"] == "increlora"
+    assert metrics["resolved"]["plan"]["interval"] == 2
+    assert metrics["adapter"]["peft"] == "adapter"
+    assert (reference / "adapter" / "adapter_config.json").is_file()
+
+    records = log_records(reference)
+    assert records[0]["event"] == "start" and records[-1]["event"] == "end"
+    train = [r for r in records if r["event"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 11))
+    assert {"loss", "lr", "total_rank", "epoch"} <= set(train[0])
+    assert train[0]["total_rank"] == 12 and train[-1]["total_rank"] == 24
+    growth = [r for r in records if r["event"] == "growth"]
+    assert [g["step"] for g in growth] == [2, 4, 6, 8]
+    assert all(len(g["grown"]) == 3 and len(g["scores"]) == 12 for g in growth)
+    evals = [r["step"] for r in records if r["event"] == "eval"]
+    assert evals == [3, 6, 9, 10]
+
+
+def test_evaluate_reproduces_the_run_metric_from_both_adapter_formats(
+    reference: Path, tmp_path: Path, capsys
+) -> None:
+    metrics = json.loads((reference / "metrics.json").read_text())
+    for adapter in ("adapter", "increlora_adapter"):
+        output = tmp_path / f"{adapter}.json"
+        code = cli.main(
+            ["evaluate", "--adapter", str(reference / adapter), "--output", str(output)]
+        )
+        assert code == 0
+        assert json.loads(output.read_text())["metrics"] == metrics["best"]["metrics"]
+    assert '"accuracy"' in capsys.readouterr().out
+
+
+def test_regression_task_and_peft_reload_match_exactly(tiny_model, tmp_path) -> None:
+    """STS-B (a regression head): the PEFT reload gives the same Pearson to float precision."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "stsb"
+    assert cli.main(train_args(tiny_model, out, "--no-select-best", task="stsb")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["adapter"] == {
+        "step": 10,
+        "selected": "final",
+        "peft": "adapter",
+        "peft_unavailable": None,
+        "increlora": "increlora_adapter",
+    }
+    result = tmp_path / "eval.json"
+    assert cli.main(["evaluate", "--adapter", str(out / "adapter"), "--output", str(result)]) == 0
+    pearson = json.loads(result.read_text())["metrics"]["validation"]["pearson"]
+    assert pearson == pytest.approx(metrics["final"]["metrics"]["validation"]["pearson"], abs=1e-6)
+
+    merged = tmp_path / "merged"
+    assert (
+        cli.main(["export", "--adapter", str(out / "increlora_adapter"), "--output", str(merged)])
+        == 0
+    )
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    peft_model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    plain = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    inputs = {"input_ids": torch.tensor([[2, 10, 20, 30, 3]])}
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**inputs).logits, peft_model(**inputs).logits)
+
+
+# ----------------------------------------------------------------- resume is exact
+def test_stop_at_step_then_resume_equals_the_uninterrupted_run(
+    tiny_model, reference, tmp_path
+) -> None:
+    out = tmp_path / "parts"
+    assert cli.main(train_args(tiny_model, out, "--stop-at-step", "5")) == 0
+    assert not (out / "metrics.json").exists()
+    assert (out / "checkpoint").is_dir()
+    assert cli.main(["train", "--resume", "--output-dir", str(out)]) == 0
+    assert_same_run(reference, out)
+
+
+def test_sigterm_checkpoints_and_resume_equals_the_uninterrupted_run(
+    tiny_model, reference, tmp_path, monkeypatch, capsys
+) -> None:
+    calls = {"n": 0}
+    real = loop.compute_loss
+
+    def send_sigterm_at_step_5(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # what `kill` or a scheduler sends
+        return real(model, batch)
+
+    out = tmp_path / "killed"
+    monkeypatch.setattr(loop, "compute_loss", send_sigterm_at_step_5)
+    assert cli.main(train_args(tiny_model, out)) == 143  # 128 + SIGTERM
+    message = capsys.readouterr().err
+    assert "SIGTERM" in message and f"increlora train --resume --output-dir {out}" in message
+    assert json.loads((out / "checkpoint" / "extra.json").read_text())["step"] == 5
+    monkeypatch.setattr(loop, "compute_loss", real)
+    assert cli.main(["train", "--resume", "--output-dir", str(out)]) == 0
+    assert_same_run(reference, out)
+
+
+def test_keyboard_interrupt_mid_step_resumes_from_the_last_boundary(
+    tiny_model, reference, tmp_path, monkeypatch
+) -> None:
+    calls = {"n": 0}
+    real = loop.compute_loss
+
+    def ctrl_c_in_step_8(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return real(model, batch)
+
+    out = tmp_path / "ctrl-c"
+    monkeypatch.setattr(loop, "compute_loss", ctrl_c_in_step_8)
+    assert cli.main(train_args(tiny_model, out)) == 130
+    assert json.loads((out / "checkpoint" / "extra.json").read_text())["step"] == 7
+    monkeypatch.setattr(loop, "compute_loss", real)
+    assert cli.main(["train", "--resume", "--output-dir", str(out)]) == 0
+    assert_same_run(reference, out)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
+    tiny_model, tmp_path, monkeypatch, capsys
+) -> None:
+    calls = {"n": 0}
+    real = loop.compute_loss
+
+    def nan_at_step_5(model, batch):
+        calls["n"] += 1
+        loss = real(model, batch)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    out = tmp_path / "nan"
+    monkeypatch.setattr(loop, "compute_loss", nan_at_step_5)
+    assert cli.main(train_args(tiny_model, out)) == 3
+    message = capsys.readouterr().err
+    assert "nan at step 5" in message and "step 3" in message
+    assert json.loads((out / "checkpoint" / "extra.json").read_text())["step"] == 3
+    assert not (out / "metrics.json").exists()
+    assert log_records(out)[-1]["event"] == "diverged"
+
+
+# ----------------------------------------------------------------- run directories
+def test_run_directory_is_never_silently_reused(tiny_model, reference, tmp_path, capsys) -> None:
+    # The same run again: refused, pointing at --resume.
+    assert cli.main(train_args(tiny_model, reference)) == 2
+    assert "already holds this run" in capsys.readouterr().err
+    # A different run in the same directory: refused, naming the difference.
+    assert cli.main(train_args(tiny_model, reference, "--seed", "1")) == 2
+    assert "train.seed: 0 -> 1" in capsys.readouterr().err
+    # Resuming a finished run is a no-op; changing it on resume is refused.
+    assert cli.main(["train", "--resume", "--output-dir", str(reference)]) == 0
+    assert cli.main(["train", "--resume", "--output-dir", str(reference), "--lr", "0.1"]) == 2
+    assert "train.learning_rate" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert cli.main(train_args(tiny_model, tmp_path / "other")) == 2
+    assert "not an increlora run directory" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ bad input
+def _bad_tsv(tmp_path: Path, rows: list[str]) -> Path:
+    folder = tmp_path / "glue" / "SST-2"
+    folder.mkdir(parents=True)
+    (folder / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    (folder / "dev.tsv").write_text("sentence\tlabel\ngood film\t1\n")
+    return tmp_path / "glue"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (["--task", "nosuchtask"], "unknown task 'nosuchtask'"),
+        (["--model", "./no/such/model"], "not a known alias"),
+        (["--method", "nosuchmethod"], "unknown method 'nosuchmethod'"),
+        (["--method-arg", "bogus_field=1"], "unknown field(s) ['bogus_field']"),
+        (["--method-arg", "interval=50"], "schedule"),
+        (["--train-size", "100"], "only 6 exist"),
+        (["--data-dir", "/no/such/dir"], "no GLUE TSV file"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tiny_model, tmp_path, capsys, override, expected) -> None:
+    out = tmp_path / "run"
+    assert cli.main(train_args(tiny_model, out) + override) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("increlora: error:") and expected in err
+    assert not (out / "run_config.json").exists(), "a failed setup must not claim the directory"
+
+
+def test_malformed_data_names_file_and_line(tiny_model, tmp_path, capsys) -> None:
+    data = _bad_tsv(tmp_path, ["good film\t1", "bad film\t7"])
+    assert cli.main(train_args(tiny_model, tmp_path / "r") + ["--data-dir", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "train.tsv line 3" in err and "'7'" in err
+    data = _bad_tsv(tmp_path / "b", ["good film\t1\textra"])
+    assert cli.main(train_args(tiny_model, tmp_path / "r") + ["--data-dir", str(data)]) == 2
+    assert "train.tsv line 2: expected 2 tab-separated fields" in capsys.readouterr().err
+
+
+def test_bad_config_files(tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {epochs: 3\n")
+    assert cli.main(["train", "--config", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    bad.write_text("train: {epoch: 3}\n")
+    assert cli.main(["train", "--config", str(bad)]) == 2
+    assert "unknown field(s) ['epoch']" in capsys.readouterr().err
+    assert cli.main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--epochs", "three"])
+
+
+def test_print_config_merges_file_and_options(tmp_path, capsys) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("data: {task: rte}\nmethod: {name: increlora, top_h: 4}\n")
+    args = ["train", "--config", str(config), "--seed", "3", "--method-arg", "add_r=2"]
+    assert cli.main([*args, "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["task"] == "rte"
+    assert printed["data"]["train_size"] == 2000  # from the built-in default job
+    assert printed["train"]["seed"] == 3
+    assert printed["method"] == {"name": "increlora", "target_rank": 2, "top_h": 4, "add_r": 2}
+    # Another method drops the previous method's own fields, keeps the budget.
+    assert cli.main([*args[:-2], "--method", "lora", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["method"] == {"name": "lora", "target_rank": 2}
+
+
+# ---------------------------------------------------------------------- bench/report
+def test_bench_is_resumable_and_report_aggregates_seeds(
+    tiny_model, tmp_path, capsys, monkeypatch
+) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": str(tmp_path / "bench"),
+                "base": {
+                    "model": str(tiny_model),
+                    "data": {"task": "sst2", "data_dir": str(GLUE), "train_size": None},
+                    "train": {"max_steps": 3, "batch_size": 2},
+                },
+                "matrix": {
+                    "method": [
+                        "increlora",
+                        {"name": "increlora", "label": "fast", "learning_rate": 0.01, "top_h": 12},
+                    ],
+                    "target_rank": [2],
+                    "seed": [0, 1],
+                },
+            }
+        )
+    )
+    calls = {"n": 0}
+    real = loop.compute_loss
+
+    def ctrl_c_in_the_third_run(model, batch):
+        calls["n"] += 1  # 3 steps of one micro-batch per run
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return real(model, batch)
+
+    monkeypatch.setattr(loop, "compute_loss", ctrl_c_in_the_third_run)
+    assert cli.main(["bench", str(spec)]) == 130
+    monkeypatch.setattr(loop, "compute_loss", real)
+    capsys.readouterr()
+    assert cli.main(["bench", str(spec)]) == 0
+    err = capsys.readouterr().err
+    assert (err.count("skipped"), err.count("resuming"), err.count(": running")) == (2, 1, 1)
+    assert "resumed" in err and "at step 1/3" in err
+    runs = sorted((tmp_path / "bench").rglob("metrics.json"))
+    assert len(runs) == 4
+    stamps = [p.stat().st_mtime_ns for p in runs]
+    assert cli.main(["bench", str(spec)]) == 0
+    assert capsys.readouterr().err.count("finished earlier, skipped") == 4
+    assert [p.stat().st_mtime_ns for p in runs] == stamps
+    status = json.loads((tmp_path / "bench" / "bench_status.json").read_text())
+    assert sorted(status.values()) == ["finished"] * 4
+
+    assert cli.main(["report", str(tmp_path / "bench")]) == 0
+    report = (tmp_path / "bench" / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| sst2")]
+    assert len(rows) == 2 and all("±" in row and "| 2 |" in row for row in rows)
+    assert "increlora (top_h=12, lr=0.01)" in report
+    assert (tmp_path / "bench" / "report_sst2.png").stat().st_size > 0
+
+
+def test_accumulation_and_bf16_count_optimizer_steps(tiny_model, tmp_path) -> None:
+    out = tmp_path / "accumulate"
+    args = ["train", "--model", str(tiny_model), "--task", "rte", "--data-dir", str(GLUE)]
+    args += ["--train-size", "none", "--epochs", "2", "--batch-size", "1"]
+    args += [
+        "--gradient-accumulation-steps",
+        "2",
+        "--mixed-precision",
+        "bf16",
+        "--eval-every",
+        "none",
+    ]
+    assert cli.main([*args, "--output-dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps_per_epoch"] == 2 and metrics["steps"] == 4  # 4 examples / (1 x 2)
+    assert metrics["total_rank"] == 24
+    assert [r["step"] for r in log_records(out) if r["event"] == "eval"] == [2, 4]
+
+
+def test_help_lists_every_documented_option(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in (
+        "--config",
+        "--model",
+        "--task",
+        "--data-dir",
+        "--method",
+        "--target-rank",
+        "--method-arg",
+        "--epochs",
+        "--max-steps",
+        "--train-size",
+        "--seed",
+        "--output-dir",
+        "--resume",
+        "--mixed-precision",
+    ):
+        assert flag in text
+    for command in ("evaluate", "export", "bench", "report"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        assert "usage: increlora " + command in capsys.readouterr().out
