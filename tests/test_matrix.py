@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -17,6 +17,12 @@ from conftest import MODEL_CASES, ModelCase
 
 import increlora
 from increlora import IncreLoRAConfig
+from increlora.methods.full import FullConfig
+from increlora.methods.lora import LoRAConfig
+from increlora.methods.lora_mini import LoRAMiniConfig
+from increlora.methods.lorta import LoRTAConfig
+from increlora.methods.melora import MELoRAConfig
+from increlora.methods.mora import MoRAConfig
 
 
 @dataclass
@@ -25,6 +31,7 @@ class MethodCase:
     make_config: Callable[[ModelCase], increlora.AdapterConfig]
     steps: int = 6
     lr: float = 0.05
+    skip: dict[str, str] = field(default_factory=dict)  # check name -> why it does not apply
 
 
 def _increlora(case: ModelCase) -> IncreLoRAConfig:
@@ -39,8 +46,33 @@ def _increlora(case: ModelCase) -> IncreLoRAConfig:
     )
 
 
+def _adapter_fields(case: ModelCase) -> dict:
+    return {"target_modules": case.targets, "modules_to_save": case.modules_to_save, "alpha": 4}
+
+
+def _lorta(case: ModelCase) -> LoRTAConfig:
+    # The MLP has no model config and no dotted layer index: say how to group its layers.
+    mlp = {"layer_pattern": r"lin(\d+)", "hidden_size": 16, "block_size": 4}
+    return LoRTAConfig(r=4, **_adapter_fields(case), **(mlp if case.name == "mlp" else {}))
+
+
+_FULL_SKIPS = {
+    "test_only_adapter_parameters_change": "full fine-tuning freezes nothing",
+    "test_disabled_gives_base_outputs": "full fine-tuning has no separate adapter to disable",
+    "test_forward_equals_dense_reference": "full fine-tuning has no adapter layers",
+    "test_inject_into_bf16_model_keeps_fp32_adapters": "full fine-tuning trains the model dtype",
+}
+
 METHOD_CASES: dict[str, MethodCase] = {
     "increlora": MethodCase("increlora", _increlora),
+    "lora": MethodCase("lora", lambda c: LoRAConfig(r=2, **_adapter_fields(c))),
+    "lora-mini": MethodCase(
+        "lora-mini", lambda c: LoRAMiniConfig(r=2, outer_rank=4, **_adapter_fields(c))
+    ),
+    "melora": MethodCase("melora", lambda c: MELoRAConfig(r=4, n=2, **_adapter_fields(c))),
+    "mora": MethodCase("mora", lambda c: MoRAConfig(r=2, **_adapter_fields(c))),
+    "lorta": MethodCase("lorta", _lorta),
+    "full": MethodCase("full", lambda c: FullConfig(), lr=0.01, skip=_FULL_SKIPS),
 }
 
 
@@ -64,6 +96,15 @@ def train(case: ModelCase, method: MethodCase, model, adapted, steps: int | None
 @pytest.fixture(params=sorted(METHOD_CASES))
 def method_case(request) -> MethodCase:
     return METHOD_CASES[request.param]
+
+
+@pytest.fixture(autouse=True)
+def _skip_inapplicable(request):
+    """Skip the checks a method case marks as not applying to it, with its reason."""
+    if "method_case" in request.fixturenames:
+        reason = request.getfixturevalue("method_case").skip.get(request.function.__name__)
+        if reason:
+            pytest.skip(reason)
 
 
 @pytest.fixture

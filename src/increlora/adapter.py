@@ -227,6 +227,9 @@ def load_adapter(model: nn.Module, path: str | Path) -> AdaptedModel:
     except (KeyError, TypeError, ConfigError) as err:
         raise AdapterFileError(f"{config_file}: malformed adapter config ({err})") from err
     tensors = load_tensors(path / WEIGHTS_FILE)
+    instance = cls(config)
+    if hasattr(instance, "load_model"):  # methods without adapter layers restore themselves
+        return instance.load_model(model, tensors, path / WEIGHTS_FILE)
 
     def check(layers: dict[str, AdapterLayer], save_names: list[str]) -> None:
         if set(layers) != set(modules):
@@ -256,6 +259,5 @@ def load_adapter(model: nn.Module, path: str | Path) -> AdaptedModel:
                 for key, t in model.get_submodule(name).state_dict().items():
                     t.copy_(tensors[f"{name}.{key}"])
 
-    instance = cls(config)
     layers, save_names = _attach(model, instance, before_attach=check)
     return AdaptedModel(model, instance, layers, save_names)

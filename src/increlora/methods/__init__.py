@@ -1,6 +1,14 @@
 """Fine-tuning methods, one module each, behind the protocol in ``base``."""
 
-from . import increlora  # noqa: F401  (registers the method)
+from . import (  # noqa: F401  (register the methods)
+    full,
+    increlora,
+    lora,
+    lora_mini,
+    lorta,
+    melora,
+    mora,
+)
 from .base import (
     METHODS,
     Controller,

@@ -8,6 +8,7 @@ subclass (the math), and optionally a controller that changes the adapter during
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -57,6 +58,10 @@ class Method:
     config_class: ClassVar[type[AdapterConfig]]
     # True when every layer's update is exactly B @ A (exportable to the PEFT LoRA format).
     peft_exportable: ClassVar[bool] = False
+    # Budget matching (increlora.budget): the config field that sets how many parameters the
+    # method trains (LoRA's r, LoRTA's CP rank...); the count must not shrink as it grows.
+    # None: the method cannot be budget-matched. Valid values are listed by ``size_grid``.
+    size_field: ClassVar[str | None] = None
 
     def __init__(self, config: AdapterConfig) -> None:
         if not isinstance(config, self.config_class):
@@ -67,7 +72,8 @@ class Method:
         self.config = config
 
     # A method that does not wrap layers (full fine-tuning, PEFT's own tuners) defines
-    # ``inject_model(self, model) -> AdaptedModel-like handle`` instead of make_layer.
+    # ``inject_model(self, model) -> AdaptedModel-like handle`` instead of make_layer, and
+    # ``load_model(self, model, tensors, path) -> handle`` if load_adapter should restore it.
 
     def build_layers(self, model: nn.Module, names: list[str]) -> dict[str, AdapterLayer]:
         """Wrap each selected module; override to see all modules at once (budgets)."""
@@ -81,6 +87,19 @@ class Method:
     ) -> Controller:
         device = next(iter(layers.values())).base_layer.weight.device
         return StaticController(device)
+
+    @classmethod
+    def size_grid(cls, config: AdapterConfig) -> Sequence[float]:
+        """Increasing values ``size_field`` may take (override: MELoRA's r steps by n)."""
+        return range(1, 1 << 20)
+
+    def budget_parameters(self, adapted: Any) -> int:
+        """Trainable adapter parameters the method amounts to, modules_to_save excluded.
+
+        Default: the count right after injection. Methods whose count changes in training
+        (growth, pruning) return the count their budget reaches instead.
+        """
+        return adapted.num_adapter_parameters()
 
 
 METHODS: dict[str, type[Method]] = {}

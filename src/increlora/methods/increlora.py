@@ -33,6 +33,16 @@ class IncreLoRA(Method):
     name = "increlora"
     config_class = IncreLoRAConfig
     peft_exportable = True
+    size_field = "target_rank"
+
+    @classmethod
+    def size_grid(cls, config: IncreLoRAConfig) -> list[float]:
+        return [k / 100 for k in range(100, 100 << 10)]  # average ranks 1.00, 1.01, ...
+
+    def budget_parameters(self, adapted: Any) -> int:
+        """What the budget amounts to: every module at the average target rank."""
+        shapes = [(m.out_features, m.in_features) for m in adapted.layers.values()]
+        return round(average_target_rank(self.config, shapes) * sum(o + i + 1 for o, i in shapes))
 
     def build_layers(self, model: nn.Module, names: list[str]) -> dict[str, TripletLayer]:
         config: IncreLoRAConfig = self.config
