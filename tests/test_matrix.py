@@ -17,12 +17,16 @@ from conftest import MODEL_CASES, ModelCase
 
 import increlora
 from increlora import IncreLoRAConfig
+from increlora.methods.adalora import AdaLoRAConfig
 from increlora.methods.full import FullConfig
 from increlora.methods.lora import LoRAConfig
 from increlora.methods.lora_mini import LoRAMiniConfig
 from increlora.methods.lorta import LoRTAConfig
 from increlora.methods.melora import MELoRAConfig
 from increlora.methods.mora import MoRAConfig
+from increlora.methods.peft_reference import PeftAdaLoRAConfig, PeftLoRAConfig
+from increlora.methods.prilora import PRILoRAConfig
+from increlora.methods.sora import SoRAConfig
 
 
 @dataclass
@@ -63,6 +67,13 @@ _FULL_SKIPS = {
     "test_inject_into_bf16_model_keeps_fp32_adapters": "full fine-tuning trains the model dtype",
 }
 
+_PEFT_SKIPS = {
+    "test_disabled_gives_base_outputs": "PEFT's disable_adapter also restores modules_to_save",
+    "test_forward_equals_dense_reference": "PEFT's own layers (no delta_weight)",
+    "test_save_load_round_trip_is_exact": "saved in PEFT's format: the PEFT reload check covers it",
+    "test_inject_into_bf16_model_keeps_fp32_adapters": "PEFT's own layers (tests/test_methods_peft)",
+}
+
 METHOD_CASES: dict[str, MethodCase] = {
     "increlora": MethodCase("increlora", _increlora),
     "lora": MethodCase("lora", lambda c: LoRAConfig(r=2, **_adapter_fields(c))),
@@ -73,6 +84,24 @@ METHOD_CASES: dict[str, MethodCase] = {
     "mora": MethodCase("mora", lambda c: MoRAConfig(r=2, **_adapter_fields(c))),
     "lorta": MethodCase("lorta", _lorta),
     "full": MethodCase("full", lambda c: FullConfig(), lr=0.01, skip=_FULL_SKIPS),
+    "adalora": MethodCase(
+        "adalora", lambda c: AdaLoRAConfig(target_rank=2, init_rank=4, **_adapter_fields(c))
+    ),
+    "sora": MethodCase(
+        "sora", lambda c: SoRAConfig(max_rank=4, sparsity=2.0, **_adapter_fields(c))
+    ),
+    "prilora": MethodCase(
+        "prilora",
+        lambda c: PRILoRAConfig(r_start=1, r_end=3, prune_interval=2, **_adapter_fields(c)),
+    ),
+    "peft-lora": MethodCase(
+        "peft-lora", lambda c: PeftLoRAConfig(r=2, **_adapter_fields(c)), skip=_PEFT_SKIPS
+    ),
+    "peft-adalora": MethodCase(
+        "peft-adalora",
+        lambda c: PeftAdaLoRAConfig(target_rank=2, init_rank=4, **_adapter_fields(c)),
+        skip=_PEFT_SKIPS,
+    ),
 }
 
 
@@ -215,9 +244,10 @@ def test_peft_export_reloads_with_same_outputs(trained, tmp_path):
     peft_ranks = {
         n.removeprefix("base_model.model."): m.r["default"]
         for n, m in reloaded.named_modules()
-        if hasattr(m, "lora_A") and "default" in getattr(m, "r", {})
+        if hasattr(m, "lora_A") and getattr(m, "r", {}).get("default")
     }
-    assert peft_ranks == adapted.rank_pattern()
+    # Rank-0 modules (AdaLoRA masked all their triplets) are exported as exclude_modules.
+    assert peft_ranks == {n: r for n, r in adapted.rank_pattern().items() if r}
 
 
 def _half_inputs(case: ModelCase, inputs: dict) -> dict:

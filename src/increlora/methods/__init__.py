@@ -1,6 +1,7 @@
 """Fine-tuning methods, one module each, behind the protocol in ``base``."""
 
 from . import (  # noqa: F401  (register the methods)
+    adalora,
     full,
     increlora,
     lora,
@@ -8,6 +9,9 @@ from . import (  # noqa: F401  (register the methods)
     lorta,
     melora,
     mora,
+    peft_reference,
+    prilora,
+    sora,
 )
 from .base import (
     METHODS,
