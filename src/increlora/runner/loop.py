@@ -115,6 +115,8 @@ class Trainer:
         self.accelerator = Accelerator(
             mixed_precision=train.mixed_precision,
             gradient_accumulation_steps=train.gradient_accumulation_steps,
+            # Without a GPU, several processes (torchrun) must be told to use gloo on CPU.
+            cpu=not torch.cuda.is_available(),
         )
         self.main = self.accelerator.is_main_process
         self.log = O.RunLog(self.out / O.TRAIN_LOG, enabled=self.main)
@@ -431,13 +433,9 @@ class Trainer:
         self.exported_step = self.step
 
     def _checkpoint(self) -> None:
+        """Every process calls it (sharded states are gathered); the main one writes."""
         if self.last_checkpoint_step == self.step:
             return
-        if self.main:
-            self._write_checkpoint()
-        self.last_checkpoint_step = self.step
-
-    def _write_checkpoint(self) -> None:
         scaler = self.accelerator.scaler
         extra = {
             "step": self.step,
@@ -462,6 +460,7 @@ class Trainer:
             self.scheduler,
             extra,
         )
+        self.last_checkpoint_step = self.step
 
     # ------------------------------------------------------------------------ finish
     def finish(self) -> RunResult:
