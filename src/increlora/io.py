@@ -19,6 +19,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+# mkstemp/mkdtemp create owner-only entries; outputs are ordinary shareable files and folders.
+_FILE_MODE = 0o644
+_DIR_MODE = 0o755
+
 
 class AdapterFileError(ValueError):
     """A saved file is missing, corrupt, or was not written by this library."""
@@ -29,6 +33,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -52,6 +57,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
     os.close(fd)
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -85,6 +91,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, _DIR_MODE)
     try:
         yield tmp
     except BaseException:
