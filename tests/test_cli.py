@@ -467,3 +467,21 @@ def test_help_lists_every_documented_option(capsys) -> None:
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])
         assert "usage: increlora " + command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "peft-lora"])
+def test_other_methods_train_and_reload_to_the_same_metric(
+    tiny_model, tmp_path, method: str
+) -> None:
+    """Budget-matched (lora), layer-free (full) and PEFT-backed methods go through the runner."""
+    out = tmp_path / method
+    args = ["train", "--model", str(tiny_model), "--task", "stsb", "--data-dir", str(GLUE)]
+    args += ["--train-size", "none", "--batch-size", "2", "--max-steps", "2", "--method", method]
+    assert cli.main([*args, "--output-dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    adapter = metrics["adapter"]["peft"] or metrics["adapter"]["increlora"]
+    assert (adapter == "adapter") == (method != "full")  # full fine-tuning has no LoRA form
+    result = tmp_path / "eval.json"
+    assert cli.main(["evaluate", "--adapter", str(out / adapter), "--output", str(result)]) == 0
+    pearson = json.loads(result.read_text())["metrics"]["validation"]["pearson"]
+    assert pearson == pytest.approx(metrics["best"]["value"], abs=1e-6)

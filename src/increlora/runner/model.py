@@ -15,6 +15,7 @@ from ..adapter import AdaptedModel, inject
 from ..assets import MODEL_ALIASES, ResolvedModel, resolve_model
 from ..config import AdapterConfig
 from ..methods import get_method
+from ..methods.full import FullConfig
 from ..tasks import TaskSpec
 from .config import MethodSpec
 
@@ -126,8 +127,8 @@ def method_config(
     config_cls = cls.config_class
     fields = {f.name for f in dataclasses.fields(config_cls)}
     args = dict(spec.args)
-    # Methods without adapter layers (full fine-tuning) train every module anyway.
-    if "modules_to_save" not in args and not hasattr(cls, "inject_model"):
+    # Full fine-tuning trains every module anyway (its config refuses modules_to_save).
+    if "modules_to_save" not in args and not issubclass(config_cls, FullConfig):
         args["modules_to_save"] = list(trained)
     if "seed" in fields and "seed" not in args:
         args["seed"] = seed
