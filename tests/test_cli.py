@@ -167,6 +167,17 @@ def test_evaluate_reproduces_the_run_metric_from_both_adapter_formats(
         assert code == 0
         assert json.loads(output.read_text())["metrics"] == metrics["best"]["metrics"]
     assert '"accuracy"' in capsys.readouterr().out
+    # `export --format peft` converts the increlora adapter into an equivalent PEFT one; outside
+    # a run directory, evaluate needs the model, task and data spelled out.
+    converted = tmp_path / "converted"
+    own = str(reference / "increlora_adapter")
+    export = ["export", "--adapter", own, "--format", "peft", "--output", str(converted)]
+    assert cli.main(export) == 0
+    output = tmp_path / "converted.json"
+    evaluate = ["evaluate", "--adapter", str(converted), "--model", metrics["model"]]
+    evaluate += ["--task", "sst2", "--data-dir", str(GLUE), "--max-length", "64"]
+    assert cli.main([*evaluate, "--output", str(output)]) == 0
+    assert json.loads(output.read_text())["metrics"] == metrics["best"]["metrics"]
 
 
 def test_regression_task_and_peft_reload_match_exactly(tiny_model, tmp_path) -> None:
