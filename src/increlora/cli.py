@@ -251,16 +251,20 @@ def _eval_settings(args: argparse.Namespace):
     return EvalSettings(**{k: v for k, v in values.items() if v is not None})
 
 
-def _add_reload_options(parser: argparse.ArgumentParser) -> None:
+def _add_reload_options(parser: argparse.ArgumentParser, data: bool) -> None:
+    """--adapter, the base model and task (for its head) and, to evaluate, the data."""
     parser.add_argument(
         "--adapter",
         required=True,
         help="adapter directory: PEFT (adapter_config.json) or increlora (increlora_config.json)",
     )
     parser.add_argument("--model", help="base model (default: the run's, from run_config.json)")
-    parser.add_argument("--task", help="task (default: the run's)")
-    parser.add_argument("--data-dir", help="task data folder (default: the run's)")
-    parser.add_argument("--max-length", type=int, help="tokens per example (default: the run's)")
+    parser.add_argument("--task", help="task, which sets the head (default: the run's)")
+    if data:
+        parser.add_argument("--data-dir", help="task data folder (default: the run's)")
+        parser.add_argument(
+            "--max-length", type=int, help="tokens per example (default: the run's)"
+        )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -290,7 +294,7 @@ def _add_evaluate_export(sub: argparse._SubParsersAction) -> None:
         " print the task's metrics. Inside a run directory, model/task/data default to the"
         " run's.",
     )
-    _add_reload_options(parser)
+    _add_reload_options(parser, data=True)
     parser.add_argument("--eval-size", type=int, help="evaluate on a subset (default: the run's)")
     parser.add_argument("--split-seed", type=int, help="seed of splits (default: the run's)")
     parser.add_argument("--batch-size", type=int, help="examples per batch (default 64)")
@@ -304,9 +308,14 @@ def _add_evaluate_export(sub: argparse._SubParsersAction) -> None:
         " --format merged: base + adapter folded into one model saved with save_pretrained"
         " (with its tokenizer), loadable without increlora or peft.",
     )
-    _add_reload_options(parser)
+    _add_reload_options(parser, data=False)
     parser.add_argument("--output", required=True, help="directory to write")
-    parser.add_argument("--format", choices=("peft", "merged"), default="merged")
+    parser.add_argument(
+        "--format",
+        choices=("peft", "merged"),
+        default="merged",
+        help="peft: a PEFT LoRA adapter; merged: a full model (default)",
+    )
     parser.set_defaults(func=cmd_export)
 
 
