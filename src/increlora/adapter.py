@@ -30,7 +30,7 @@ from .io import (
     save_tensors,
 )
 from .layers.base import AdapterLayer
-from .methods.base import Controller, Method, get_method, method_for_config
+from .methods.base import Controller, Method, ModelHandle, get_method, method_for_config
 
 ADAPTER_FORMAT = "increlora-adapter"
 ADAPTER_FORMAT_VERSION = 1
@@ -38,7 +38,7 @@ CONFIG_FILE = "increlora_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
 
 
-class AdaptedModel:
+class AdaptedModel(ModelHandle):
     """Handle to the adapter layers a method put into a model."""
 
     def __init__(
@@ -54,30 +54,8 @@ class AdaptedModel:
         self.saved_modules = saved_modules
         self._controller: Controller | None = None
 
-    @property
-    def config(self) -> AdapterConfig:
-        return self.method.config
-
-    # ------------------------------------------------------------------ training
-    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                yield name, p
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """What the optimizer must be built from (adapters + modules_to_save)."""
-        return [p for _, p in self.named_trainable_parameters()]
-
-    def controller(self, optimizer: Any, total_steps: int) -> Controller:
-        """The method's per-step controller (IncreLoRA: the allocator); created once."""
-        if self._controller is not None:
-            raise RuntimeError("this model already has a controller; reuse adapted.current")
-        self._controller = self.method.make_controller(self.layers, optimizer, total_steps)
-        return self._controller
-
-    @property
-    def current(self) -> Controller | None:
-        return self._controller
+    def _make_controller(self, optimizer: Any, total_steps: int) -> Controller:
+        return self.method.make_controller(self.layers, optimizer, total_steps)
 
     def rank_pattern(self) -> dict[str, int]:
         """Rank per adapted module (the rank of the exported LoRA factors)."""

@@ -8,7 +8,7 @@ subclass (the math), and optionally a controller that changes the adapter during
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -49,6 +49,45 @@ class StaticController:
 
     def load_state_dict(self, state: dict) -> None:
         return None
+
+
+class ModelHandle:
+    """The handle every method's injection returns; subclasses define ``_make_controller``.
+
+    Shared by :class:`~increlora.adapter.AdaptedModel` (adapter layers), full fine-tuning and
+    the PEFT references, so the runner and users see one interface.
+    """
+
+    model: nn.Module
+    method: Method
+    _controller: Controller | None = None
+
+    @property
+    def config(self) -> AdapterConfig:
+        return self.method.config
+
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                yield name, p
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer must be built from (adapters + modules_to_save)."""
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def controller(self, optimizer: Any, total_steps: int) -> Controller:
+        """The method's per-step controller (IncreLoRA: the allocator); created once."""
+        if self._controller is not None:
+            raise RuntimeError("this model already has a controller; reuse adapted.current")
+        self._controller = self._make_controller(optimizer, total_steps)
+        return self._controller
+
+    def _make_controller(self, optimizer: Any, total_steps: int) -> Controller:
+        raise NotImplementedError
+
+    @property
+    def current(self) -> Controller | None:
+        return self._controller
 
 
 class Method:

@@ -11,7 +11,6 @@ PEFT export), and ``save`` writes every weight (tied weights once) next to the u
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from torch import nn
 
 from ..config import AdapterConfig, require
 from ..io import AdapterFileError, atomic_directory, atomic_write_json, save_tensors
-from .base import Controller, Method, StaticController, register
+from .base import Controller, Method, ModelHandle, StaticController, register
 
 
 @dataclass
@@ -49,7 +48,7 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-class FullModel:
+class FullModel(ModelHandle):
     """Handle to a fully fine-tuned model, interchangeable with ``AdaptedModel``."""
 
     def __init__(self, model: nn.Module, method: Full) -> None:
@@ -59,27 +58,8 @@ class FullModel:
         self.saved_modules: list[str] = []
         self._controller: Controller | None = None
 
-    @property
-    def config(self) -> FullConfig:
-        return self.method.config
-
-    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                yield name, p
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for _, p in self.named_trainable_parameters()]
-
-    def controller(self, optimizer: Any, total_steps: int) -> Controller:
-        if self._controller is not None:
-            raise RuntimeError("this model already has a controller; reuse adapted.current")
-        self._controller = StaticController(next(self.model.parameters()).device)
-        return self._controller
-
-    @property
-    def current(self) -> Controller | None:
-        return self._controller
+    def _make_controller(self, optimizer: Any, total_steps: int) -> Controller:
+        return StaticController(next(self.model.parameters()).device)
 
     def rank_pattern(self) -> dict[str, int]:
         return {}

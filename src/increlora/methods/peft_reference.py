@@ -38,7 +38,7 @@ from ..config import AdapterConfig, ConfigError, option, require
 from ..injection import find_modules_to_save, find_targets
 from ..layers.base import Conv1D
 from .adalora import AdaLoRAConfig, final_budget_parameters
-from .base import Controller, Method, StaticController, register
+from .base import Controller, Method, ModelHandle, StaticController, register
 from .lora import LoRAConfig
 
 
@@ -80,7 +80,7 @@ class PeftAdaLoRAConfig(AdaLoRAConfig):
         )
 
 
-class PeftAdapted:
+class PeftAdapted(ModelHandle):
     """Handle to PEFT's adapter on a model, with :class:`AdaptedModel`'s interface."""
 
     def __init__(
@@ -98,27 +98,8 @@ class PeftAdapted:
         self.saved_modules = saved
         self._controller: Controller | None = None
 
-    @property
-    def config(self) -> AdapterConfig:
-        return self.method.config
-
-    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                yield name, p
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for _, p in self.named_trainable_parameters()]
-
-    def controller(self, optimizer: Any, total_steps: int) -> Controller:
-        if self._controller is not None:
-            raise RuntimeError("this model already has a controller; reuse adapted.current")
-        self._controller = self.method.make_peft_controller(self, optimizer, total_steps)
-        return self._controller
-
-    @property
-    def current(self) -> Controller | None:
-        return self._controller
+    def _make_controller(self, optimizer: Any, total_steps: int) -> Controller:
+        return self.method.make_peft_controller(self, optimizer, total_steps)
 
     def rank_pattern(self) -> dict[str, int]:
         """Rank per module: PEFT's ``r``, or AdaLoRA's unmasked triplets (0 = all masked)."""
