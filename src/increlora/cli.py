@@ -165,7 +165,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="fine-tune a model on a task (no arguments: the built-in default job)",
         description="Fine-tune a model on a task. Without options this runs the built-in"
         " default job (configs/default.yaml): MiniLM on Rotten Tomatoes (mr) with IncreLoRA"
-        " at average rank 2, ~5 minutes on 2 CPU cores. Options override --config.",
+        " at average rank 2 (2,000 examples, 189 steps: about 5.5 minutes on 2 CPU cores)."
+        " Options override --config.",
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument(
