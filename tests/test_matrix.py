@@ -286,3 +286,18 @@ def test_matrix_covers_the_architectures(case_name):
     assert adapted.layers
     for name in adapted.layers:
         assert any(name == t or name.endswith("." + t) for t in case.targets)
+
+
+def test_export_of_an_all_rank_zero_adapter_is_a_clear_error(tmp_path):
+    from increlora.export import EmptyAdapterError
+    from increlora.methods.adalora import AdaLoRAConfig
+
+    case = MODEL_CASES["mlp"]
+    adapted = increlora.inject(case.make(), AdaLoRAConfig(target_modules=["lin0"], target_rank=2))
+    with torch.no_grad():
+        for layer in adapted.layers.values():  # every triplet masked, as AdaLoRA may do
+            layer.kept.zero_()
+            layer.lora_E.zero_()
+    with pytest.raises(EmptyAdapterError, match="rank 0"):
+        adapted.export_peft(tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()

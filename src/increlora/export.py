@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 PEFT_PREFIX = "base_model.model."
 
 
+class EmptyAdapterError(ValueError):
+    """Every adapted module has rank 0 (e.g. AdaLoRA masked all triplets): no LoRA to write."""
+
+
 def export_peft(
     adapted: AdaptedModel,
     path: str | Path,
@@ -53,7 +57,10 @@ def export_peft(
         for key, t in adapted.model.get_submodule(name).state_dict().items():
             tensors[f"{PEFT_PREFIX}{name}.{key}"] = t
     if not ranks:
-        raise ValueError("every adapted module has rank 0: nothing to export")
+        raise EmptyAdapterError(
+            "every adapted module has rank 0 (all ranks pruned or masked): nothing to export;"
+            " train longer or raise the budget"
+        )
     default_rank = Counter(ranks.values()).most_common(1)[0][0]
     config = {
         "peft_type": "LORA",

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_training_state, save_training_state
+from ..export import EmptyAdapterError
 from ..io import atomic_write_json, read_json
 from ..methods import get_method
 from . import outputs as O
@@ -428,7 +429,7 @@ class Trainer:
                     base_model_name_or_path=self.loaded.resolved.path,
                     task_type="SEQ_CLS",
                 )
-            except NotImplementedError as err:
+            except (NotImplementedError, EmptyAdapterError) as err:
                 self.peft_error = str(err)
         self.exported_step = self.step
 
