@@ -38,6 +38,8 @@ from typing import IO
 
 from tqdm.auto import tqdm
 
+from .io import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "INCRELORA_CACHE"
@@ -166,19 +168,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def pip_download(name: str, version: str, dest_dir: Path, *, sdist: bool = False) -> Path:
     """Download ``name==version`` (no dependencies) into ``dest_dir`` with pip; return the file."""
     cmd = [
@@ -236,7 +225,7 @@ def _cached_file(dist_dir: Path, sha256: str, filename_hint: str | None) -> Path
             return path
         # A file without a valid marker (copied in by hand, or the pin changed): hash it once.
         if sha256_file(path) == sha256:
-            _write_text_atomic(marker, sha256 + "\n")
+            atomic_write_text(marker, sha256 + "\n")
             return path
     return None
 
@@ -283,7 +272,7 @@ def fetch_distribution(
         dist_dir.mkdir(parents=True, exist_ok=True)
         final = dist_dir / downloaded.name
         os.replace(downloaded, final)
-        _write_text_atomic(final.with_name(final.name + _MARKER_SUFFIX), sha256 + "\n")
+        atomic_write_text(final.with_name(final.name + _MARKER_SUFFIX), sha256 + "\n")
         return final
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -29,6 +29,15 @@ def base_shape(module: nn.Module) -> tuple[int, int]:
     return d_out, d_in
 
 
+def check_shapes(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+    """Raise ValueError naming the tensor unless ``tensors`` has exactly ``expected``'s shapes."""
+    if set(tensors) != set(expected):
+        raise ValueError(f"expected tensors {sorted(expected)}, found {sorted(tensors)}")
+    for n, t in tensors.items():
+        if tuple(t.shape) != expected[n]:
+            raise ValueError(f"{n} has shape {tuple(t.shape)}, this model needs {expected[n]}")
+
+
 class AdapterLayer(nn.Module):
     """A frozen base layer ``y = W0 x + b`` plus an adapter update ``delta(x)``.
 
@@ -91,12 +100,7 @@ class AdapterLayer(nn.Module):
 
     def check_adapter_state(self, tensors: dict[str, torch.Tensor], rank_state: dict) -> None:
         """Raise ValueError (naming the tensor) unless ``tensors`` fit this layer exactly."""
-        expected = {n: tuple(p.shape) for n, p in self.adapter_state().items()}
-        if set(tensors) != set(expected):
-            raise ValueError(f"expected tensors {sorted(expected)}, found {sorted(tensors)}")
-        for n, t in tensors.items():
-            if tuple(t.shape) != expected[n]:
-                raise ValueError(f"{n} has shape {tuple(t.shape)}, this model needs {expected[n]}")
+        check_shapes(tensors, {n: tuple(p.shape) for n, p in self.adapter_state().items()})
 
     @torch.no_grad()
     def load_adapter_state(self, tensors: dict[str, torch.Tensor], rank_state: dict) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .base import check_shapes
 from .lora import LoRALayer
 
 
@@ -109,11 +110,7 @@ class SoRALayer(LoRALayer):
             "lora_B": (self.out_features, k),
             "lora_gate": (k,),
         }
-        if set(tensors) != set(expected):
-            raise ValueError(f"expected tensors {sorted(expected)}, found {sorted(tensors)}")
-        for n, t in tensors.items():
-            if tuple(t.shape) != expected[n]:
-                raise ValueError(f"{n} has shape {tuple(t.shape)}, this model needs {expected[n]}")
+        check_shapes(tensors, expected)
 
     @torch.no_grad()
     def load_adapter_state(self, tensors: dict[str, torch.Tensor], rank_state: dict) -> None:

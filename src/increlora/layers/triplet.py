@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..distributed import full_tensor, local_range, local_shard
-from .base import AdapterLayer
+from .base import AdapterLayer, check_shapes
 
 
 class TripletLayer(AdapterLayer):
@@ -203,11 +203,7 @@ class TripletLayer(AdapterLayer):
             "lora_E": (used,),
             "lora_B": (self.out_features, used),
         }
-        if set(tensors) != set(expected):
-            raise ValueError(f"expected tensors {sorted(expected)}, found {sorted(tensors)}")
-        for n, t in tensors.items():
-            if tuple(t.shape) != expected[n]:
-                raise ValueError(f"{n} has shape {tuple(t.shape)}, this model needs {expected[n]}")
+        check_shapes(tensors, expected)
 
     @torch.no_grad()
     def load_adapter_state(self, tensors: dict[str, torch.Tensor], rank_state: dict) -> None:
