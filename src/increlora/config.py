@@ -71,6 +71,7 @@ class AdapterConfig:
 
 Scaling = Literal["per_rank", "constant", "rescale"]
 Importance = Literal["paper", "proxy"]
+Init = Literal["paper", "lora"]
 
 
 @dataclass
@@ -109,8 +110,15 @@ class IncreLoRAConfig(AdapterConfig):
     )
     importance: Importance = option(
         "proxy",
-        "Module score: 'paper' = sum|dW * dL/d(dW)| / sqrt(d_out d_in) (one extra matmul per"
-        " module per scored step); 'proxy' = sum of |p * grad p| over the module's active A, e, B.",
+        "Module score, from the task loss's gradient only (never the regularizer's): 'paper' ="
+        " sum|dW * dL/d(dW)| / sqrt(d_out d_in), estimated from score_rows of the output rows;"
+        " 'proxy' = sum of |p * grad p| over the module's active A, e, B.",
+    )
+    score_rows: float = option(
+        0.125,
+        "importance='paper': fraction of each module's output rows whose dL/d(dW) is computed"
+        " per scored step (fresh random rows each step; the sum is scaled up, an unbiased"
+        " estimate). The extra matmul costs this fraction of a dense one; 1.0 = exact.",
     )
     score_window: int | None = option(
         None, "Score only this many steps before each round (None: every step while growing)."
@@ -124,7 +132,14 @@ class IncreLoRAConfig(AdapterConfig):
         " so the module's function does not jump.",
     )
     orth_reg_weight: float = option(0.1, "Weight gamma of the orthogonal regularizer.")
-    init_std: float = option(0.02, "Std of the normal init of A and B.")
+    init: Init = option(
+        "paper",
+        "'paper': A, B ~ N(0, init_std^2), e = 0 (the update grows like t^3 under Adam: slow"
+        " short runs); 'lora': A ~ LoRA's Kaiming-uniform, B = 0, e = init_e (learns from the"
+        " first step like LoRA; a reserve rank's e and B are rebalanced at activation).",
+    )
+    init_e: float = option(1.0, "init='lora': e of active ranks at the start and at activation.")
+    init_std: float = option(0.02, "init='paper': std of the normal init of A and B.")
     new_rank_e: float = option(1e-5, "Initial (and reserve) value of e for new ranks.")
     seed: int = option(0, "Seed of the random init of new ranks (identical on every process).")
 
@@ -183,6 +198,15 @@ class IncreLoRAConfig(AdapterConfig):
             "must be >= 0",
         )
         require(self.score_window is None or self.score_window >= 1, "score_window", "must be >= 1")
+        require(
+            0.0 < self.score_rows <= 1.0,
+            "score_rows",
+            f"must be in (0, 1], got {self.score_rows}",
+        )
+        require(
+            self.init in ("paper", "lora"), "init", f"must be 'paper' or 'lora', got {self.init!r}"
+        )
+        require(self.init_e != 0, "init_e", "must be nonzero (e = 0 is init='paper')")
 
     @property
     def reserve_rank(self) -> int:

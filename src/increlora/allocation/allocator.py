@@ -25,7 +25,7 @@ from ..config import ConfigError, IncreLoRAConfig
 from ..distributed import all_reduce_mean_, broadcast_from_main, is_main_process, local_shard
 from ..layers.triplet import TripletLayer
 from .fresh_rows import FreshRows
-from .importance import ImportanceEMA, paper_score, proxy_score
+from .importance import ImportanceEMA, paper_score, proxy_score, sample_rows
 from .schedule import GrowthPlan, ModuleSlot, budget_reached, make_plan, select_growth
 from .step_guard import StepGuard, check_optimizer_holds, unwrap_optimizer
 
@@ -113,6 +113,17 @@ class IncreLoRAAllocator:
                 self.plan.add_r,
                 (self.plan.round_steps() or ["-"])[0],
             )
+        if self.plan.uniform and is_main_process():
+            logger.warning(
+                "IncreLoRA: this run is too short for allocation: each of the %d growth"
+                " round(s) gives all %d modules +%d rank (top_h=%d), so every module ends at"
+                " the same rank (uniform LoRA in triplet form). Train longer, lower top_h or"
+                " raise growth_end_fraction for modules to compete for rank.",
+                self.plan.planned_rounds,
+                len(self.layers),
+                self.plan.add_r,
+                self.plan.top_h,
+            )
         self._check_done()
         self._set_capture(1)
 
@@ -137,15 +148,19 @@ class IncreLoRAAllocator:
     # ----------------------------------------------------------- optimizer hooks
     def _before_optimizer_step(self) -> None:
         self.fresh.before_step()
-        # GradScaler unscales parameter grads before this hook, but not the dense gradient the
-        # paper score captured: keep this backward's scale (update() may change it before
-        # allocator.step()). A skipped fp16 step never gets here, and its capture is dropped.
+        # GradScaler unscales parameter grads before this hook, but not the gradients the
+        # scores captured in backward: keep this backward's scale (update() may change it
+        # before allocator.step()). A skipped fp16 step never gets here; its capture is dropped.
         scaler = self.grad_scaler
-        capturing = any(layer.grad_product is not None for layer in self.layers)
-        if capturing and scaler is not None and scaler.is_enabled():
+        if self._capturing() and scaler is not None and scaler.is_enabled():
             self._grad_scale = float(scaler.get_scale())
         else:
             self._grad_scale = 1.0
+
+    def _capturing(self) -> bool:
+        return any(
+            layer.grad_product is not None or layer.task_grads is not None for layer in self.layers
+        )
 
     def _after_optimizer_step(self, step: int) -> None:
         self.fresh.after_step(step)
@@ -158,9 +173,7 @@ class IncreLoRAAllocator:
         scaler = self.grad_scaler
         t = self.guard.begin(skips_expected=scaler is not None and scaler.is_enabled())
         if t is None:  # no new optimizer step: drop what this micro-batch captured
-            for layer in self.layers:
-                if layer.grad_product is not None:
-                    layer.grad_product.zero_()
+            self._clear_capture()
             return None
         event = None
         if self.growing:
@@ -172,23 +185,46 @@ class IncreLoRAAllocator:
         self._set_capture(t + 1)
         return event
 
+    def _clear_capture(self) -> None:
+        for layer in self.layers:
+            if layer.grad_product is not None:
+                layer.grad_product.zero_()
+            if layer.task_grads is not None:
+                layer.enable_task_grads(True)  # zeroes
+
     def _scores_at(self, t: int) -> bool:
         if self.config.score_window is None:
             return True
         return self.plan.next_round_after(t - 1) - t < self.config.score_window
 
     def _set_capture(self, t: int) -> None:
-        """Enable the dense-gradient capture of the paper's score for scored steps only."""
-        capture = self.growing and self.config.importance == "paper" and self._scores_at(t)
-        for layer in self.layers:
-            if capture and layer.grad_product is None:
+        """Enable, for the scored steps only, what the score needs captured in backward:
+        the task gradients of A, e, B (proxy) or dL/d(dW) on sampled rows (paper)."""
+        scored = self.growing and self._scores_at(t)
+        paper = scored and self.config.importance == "paper"
+        for i, layer in enumerate(self.layers):
+            layer.enable_task_grads(scored and self.config.importance == "proxy")
+            if not paper:
+                layer.grad_product, layer.grad_rows = None, None
+                continue
+            # The same rows on every process (the generator depends on the step only).
+            generator = self._generator(t, i, salt=1)
+            rows = sample_rows(layer.out_features, self.config.score_rows, generator)
+            n_rows = layer.out_features if rows is None else rows.numel()
+            layer.grad_rows = None if rows is None else rows.to(layer.lora_A.device)
+            if layer.grad_product is None or layer.grad_product.shape[0] != n_rows:
                 layer.grad_product = torch.zeros(
-                    layer.out_features, layer.in_features, device=layer.lora_A.device
+                    n_rows, layer.in_features, device=layer.lora_A.device
                 )
-            elif not capture:
-                layer.grad_product = None
+            else:
+                layer.grad_product.zero_()
 
     def _raw_scores(self) -> torch.Tensor:
+        if any(layer.lora_E.grad is None for layer in self.layers):
+            raise RuntimeError(
+                "IncreLoRA: the adapters have no gradient when scoring. Call allocator.step()"
+                " after optimizer.step() and BEFORE optimizer.zero_grad()."
+            )
         if self.config.importance == "paper":
             raw = []
             for layer in self.layers:
@@ -198,6 +234,11 @@ class IncreLoRAAllocator:
                 raw.append(paper_score(layer))
                 layer.grad_product.zero_()
             return torch.stack([r.to("cpu", torch.float64) for r in raw])
+        for layer in self.layers:  # DDP: the mean gradient, as p.grad holds it
+            for buffer in layer.task_grads.values():
+                all_reduce_mean_(buffer)
+                if self._grad_scale != 1.0:
+                    buffer.div_(self._grad_scale)
         raw = torch.stack([proxy_score(layer).to("cpu", torch.float64) for layer in self.layers])
         # FSDP: each process scored the entries it holds. Every piece is held by
         # world_size / num_shards processes, so the mean of raw * num_shards is the whole sum.
@@ -208,9 +249,11 @@ class IncreLoRAAllocator:
             all_reduce_mean_(raw.mul_(shards))
         return raw
 
-    def _generator(self, t: int, i: int) -> torch.Generator:
-        # The same seed on every process: new ranks are identical without communication.
-        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + t * 10_007 + i)
+    def _generator(self, t: int, i: int, salt: int = 0) -> torch.Generator:
+        # The same seed on every process: new ranks (salt 0) and sampled score rows (salt 1)
+        # are identical everywhere without communication.
+        seed = self.config.seed * 1_000_003 + t * 10_007 + i + salt * 7_919
+        return torch.Generator().manual_seed(seed)
 
     @torch.no_grad()
     def _grow(self, t: int) -> dict | None:
@@ -263,7 +306,8 @@ class IncreLoRAAllocator:
             self.growing = False
             for layer in self.layers:
                 layer.drop_reserve()
-                layer.grad_product = None
+                layer.grad_product, layer.grad_rows = None, None
+                layer.enable_task_grads(False)
             if is_main_process():
                 logger.info(
                     "step %d: budget reached (total rank %d, %d trainable adapter params);"
@@ -321,5 +365,6 @@ class IncreLoRAAllocator:
         self.rank_trace = [tuple(x) for x in state["rank_trace"]]
         if not self.growing:
             for layer in self.layers:
-                layer.grad_product = None
+                layer.grad_product, layer.grad_rows = None, None
+                layer.enable_task_grads(False)
         self._set_capture(self.optimizer_steps + 1)

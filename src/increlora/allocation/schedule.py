@@ -14,6 +14,19 @@ from dataclasses import asdict, dataclass
 from ..config import ConfigError, IncreLoRAConfig
 
 MIN_DERIVED_INTERVAL = 10  # about the EMA window at beta = 0.85, so scores settle between rounds
+SHORT_RUN_MIN_INTERVAL = 3  # short runs: more, smaller rounds (the EMA carries across rounds)
+SHORT_RUN_ROUNDS = 8  # the rounds a short run aims for before the interval shrinks below 10
+
+
+def min_derived_interval(horizon: int) -> int:
+    """The smallest gap between derived rounds for a growth horizon of ``horizon`` steps.
+
+    Long runs keep 10 steps (the EMA's window, so scores settle between rounds). A short run
+    (a 500-example run has ~24 steps of growth) would then get one round that gives every
+    module +1 rank, i.e. uniform LoRA; instead it aims for ``SHORT_RUN_ROUNDS`` rounds,
+    spaced at least 3 steps apart, so that modules compete for rank each round.
+    """
+    return max(SHORT_RUN_MIN_INTERVAL, min(MIN_DERIVED_INTERVAL, horizon // SHORT_RUN_ROUNDS))
 
 
 @dataclass(frozen=True)
@@ -36,6 +49,13 @@ class GrowthPlan:
     budget: int  # in ranks (unit == "rank") or parameters (unit == "param")
     unit: str
     planned_rounds: int  # rounds needed in the worst case
+    n_modules: int = 0
+
+    @property
+    def uniform(self) -> bool:
+        """True when every round grows every module: no module competes for rank, so the
+        run is uniform LoRA in triplet form, whatever the scores say."""
+        return self.planned_rounds > 0 and self.top_h >= self.n_modules
 
     def is_round(self, step: int) -> bool:
         return step > self.init_warmup and step % self.interval == 0
@@ -52,7 +72,7 @@ class GrowthPlan:
         return (step // self.interval + 1) * self.interval
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "uniform": self.uniform}
 
 
 def _budget(config: IncreLoRAConfig, slots: list[ModuleSlot]) -> tuple[int, str]:
@@ -133,15 +153,18 @@ def make_plan(config: IncreLoRAConfig, slots: list[ModuleSlot], total_steps: int
                 f" {total_steps} steps. Fix: {hint}, lower interval or init_warmup, or train"
                 " longer (or leave the schedule fields unset to derive them)"
             )
-    return GrowthPlan(init_warmup, interval, top_h, add_r, total_steps, budget, unit, rounds)
+    return GrowthPlan(
+        init_warmup, interval, top_h, add_r, total_steps, budget, unit, rounds, len(slots)
+    )
 
 
 def _derive(
     config: IncreLoRAConfig, slots: list[ModuleSlot], missing: int, unit: str, total_steps: int
 ) -> tuple[int, int, int]:
-    """Pick the smallest top_h whose rounds, spaced >= MIN_DERIVED_INTERVAL steps apart, end
-    by ``growth_end_fraction`` of training; init_warmup = interval (the paper's setting)."""
+    """Pick the smallest top_h whose rounds, spaced >= ``min_derived_interval`` steps apart,
+    end by ``growth_end_fraction`` of training; init_warmup = interval (the paper's setting)."""
     horizon = max(2, int(config.growth_end_fraction * total_steps))
+    min_interval = min_derived_interval(horizon)
     candidates = [config.top_h] if config.top_h is not None else range(1, len(slots) + 1)
     best = None
     for top_h in candidates:
@@ -149,7 +172,7 @@ def _derive(
         interval = config.interval or max(1, horizon // (rounds + 1))
         init_warmup = config.init_warmup if config.init_warmup is not None else interval
         best = (init_warmup, interval, top_h)
-        if interval >= MIN_DERIVED_INTERVAL or config.interval is not None:
+        if interval >= min_interval or config.interval is not None:
             return best
     assert best is not None
     return best

@@ -12,6 +12,16 @@ forward pass (views, so compute scales with the rank in use, not the capacity):
   at ``new_rank_e`` (the gradient to it is cut);
 * rows ``>= u`` are unused capacity and are kept exactly zero.
 
+Two initialisations (``init``):
+
+* ``"paper"``: A, B ~ N(0, init_std^2) and e = 0, so the update starts at 0. It grows
+  like t^3 under Adam (e, A and B each move ~lr per step), so short runs learn slowly.
+* ``"lora"``: A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (LoRA's Kaiming init), B = 0 and
+  e = ``init_e``: the update starts at 0 and grows linearly, like LoRA's. Reserve rows get
+  the same A, B = 0 and e held at ``new_rank_e``; when a reserve rank is activated its e is
+  set to ``init_e`` and its B scaled by ``e_old / init_e`` (the module's function does not
+  change), so it trains like a fresh LoRA rank whose A advance learning has already shaped.
+
 Every in-place change outside forward (new rows, zeroing, loading) goes through
 :func:`~increlora.distributed.local_range`, so it also works on FSDP2-sharded parameters:
 each process writes only the rows it holds, addressed by their global index.
@@ -41,6 +51,8 @@ class TripletLayer(AdapterLayer):
         dropout: float = 0.0,
         init_std: float = 0.02,
         new_rank_e: float = 1e-5,
+        init: str = "paper",
+        init_e: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(base_layer)
@@ -57,6 +69,10 @@ class TripletLayer(AdapterLayer):
         self.init_rank = init_rank
         self.init_std = init_std
         self.new_rank_e = new_rank_e
+        if init not in ("paper", "lora"):
+            raise ValueError(f"init must be 'paper' or 'lora', got {init!r}")
+        self.init = init
+        self.init_e = init_e
         self.active_rank = init_rank
         self.used_rank = min(capacity, init_rank + reserve_rank)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -67,9 +83,15 @@ class TripletLayer(AdapterLayer):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, capacity, device=device))
         self._init_rows(0, self.used_rank, generator)
         with torch.no_grad():
-            self.lora_E[: self.active_rank] = 0.0  # the paper: e = 0, so the update starts at 0
-        # Accumulates G = dL/d(dW) over micro-batches when the paper's importance is scored.
+            # paper: e = 0, so the update starts at 0; lora: B = 0 does that, e trains at once
+            self.lora_E[: self.active_rank] = 0.0 if init == "paper" else init_e
+        # Accumulates G = dL/d(dW) over micro-batches when the paper's importance is scored;
+        # with ``grad_rows`` set, only those output rows of G (a sampled estimate).
         self.grad_product: torch.Tensor | None = None
+        self.grad_rows: torch.Tensor | None = None
+        # Accumulate the task loss's gradients of the used A, e, B (the forward path only, so
+        # a regularizer added to the loss never reaches them) when the proxy is scored.
+        self.task_grads: dict[str, torch.Tensor] | None = None
 
     @property
     def reserve_rank(self) -> int:
@@ -83,7 +105,8 @@ class TripletLayer(AdapterLayer):
 
     @torch.no_grad()
     def _init_rows(self, start: int, stop: int, generator: torch.Generator | None) -> None:
-        """Fresh ranks: A and B ~ N(0, init_std^2), e = new_rank_e.
+        """Fresh ranks: A and B ~ N(0, init_std^2) (paper) or A ~ U(+-1/sqrt(d_in)) and
+        B = 0 (lora); e = new_rank_e.
 
         Every process draws the whole rows from the same generator and keeps the part it
         holds, so sharded and whole copies get identical values.
@@ -91,8 +114,13 @@ class TripletLayer(AdapterLayer):
         if stop <= start:
             return
         n = stop - start
-        a = torch.randn(n, self.in_features, generator=generator) * self.init_std
-        b = torch.randn(self.out_features, n, generator=generator) * self.init_std
+        if self.init == "lora":
+            bound = self.in_features**-0.5
+            a = (torch.rand(n, self.in_features, generator=generator) * 2 - 1) * bound
+            b = torch.zeros(self.out_features, n)
+        else:
+            a = torch.randn(n, self.in_features, generator=generator) * self.init_std
+            b = torch.randn(self.out_features, n, generator=generator) * self.init_std
         view, where = local_range(self.lora_A, 0, start, stop)
         view.copy_(a[where])
         view, where = local_range(self.lora_B, 1, start, stop)
@@ -108,22 +136,53 @@ class TripletLayer(AdapterLayer):
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         u = self.used_rank
         x_d = self.dropout(x.to(self.lora_A.dtype))
-        h = x_d @ self.lora_A[:u].T
-        out = (h * (self._used_e() * self.scaling)) @ self.lora_B[:, :u].T
+        a, e, b = self.lora_A[:u], self._used_e(), self.lora_B[:, :u]
+        if self.task_grads is not None and torch.is_grad_enabled():
+            for name, tensor in (("lora_A", a), ("lora_E", e), ("lora_B", b)):
+                if tensor.requires_grad:
+                    tensor.register_hook(self._accumulate_into(self.task_grads[name]))
+        h = x_d @ a.T
+        out = (h * (e * self.scaling)) @ b.T
         if self.grad_product is not None and out.requires_grad:
             self._capture_grad_product(x_d, out)
         return out
 
+    @staticmethod
+    def _accumulate_into(buffer: torch.Tensor):
+        def hook(grad: torch.Tensor) -> None:
+            index = tuple(slice(0, n) for n in grad.shape)
+            buffer[index].add_(grad.detach().float())
+
+        return hook
+
     def _capture_grad_product(self, x_d: torch.Tensor, out: torch.Tensor) -> None:
-        """Accumulate G += g^T x over tokens, the gradient w.r.t. the dense update dW."""
+        """Accumulate G += g^T x over tokens, the gradient w.r.t. the dense update dW
+        (only the rows in ``grad_rows`` when set: the cost falls by the same factor)."""
         x_flat = x_d.detach().reshape(-1, self.in_features)
-        product = self.grad_product
+        product, rows = self.grad_product, self.grad_rows
 
         def hook(grad: torch.Tensor) -> None:
             g = grad.reshape(-1, self.out_features)
+            if rows is not None:
+                g = g.index_select(1, rows)
             product.add_(g.T.float() @ x_flat.float())
 
         out.register_hook(hook)
+
+    def enable_task_grads(self, enable: bool) -> None:
+        """Start (zeroed) or stop accumulating the task gradients of A, e and B."""
+        if not enable:
+            self.task_grads = None
+        elif self.task_grads is None:
+            device = self.lora_A.device
+            self.task_grads = {
+                "lora_A": torch.zeros(self.capacity, self.in_features, device=device),
+                "lora_E": torch.zeros(self.capacity, device=device),
+                "lora_B": torch.zeros(self.out_features, self.capacity, device=device),
+            }
+        else:
+            for buffer in self.task_grads.values():
+                buffer.zero_()
 
     def delta_weight(self) -> torch.Tensor:
         u = self.used_rank
@@ -159,11 +218,30 @@ class TripletLayer(AdapterLayer):
         if new_active > self.capacity:
             raise ValueError(f"cannot grow to rank {new_active}: capacity is {self.capacity}")
         new_used = min(self.capacity, new_active + reserve_rank)
+        old_scaling = self.scaling
         if self.scaling_mode == "rescale":  # keep s * e constant for the existing ranks
             local_range(self.lora_E, 0, 0, old_active)[0].mul_(new_active / old_active)
         self.active_rank = new_active
         self.used_rank = max(new_used, new_active)
         self._init_rows(old_used, self.used_rank, generator)
+        if self.init == "lora":
+            self._activate_lora_style(old_active, new_active, old_scaling / self.scaling)
+
+    @torch.no_grad()
+    def _activate_lora_style(self, start: int, stop: int, scaling_ratio: float) -> None:
+        """Reserve ranks [start, stop) become active: e -> init_e, B -> B * (s_old e_old) /
+        (s_new e_new), so their contribution does not change. In 'rescale' mode e_new is
+        init_e * active_rank / init_rank, the value the first ranks' e was rescaled to."""
+        if stop <= start:
+            return
+        e_view, where = local_range(self.lora_E, 0, start, stop)
+        e_old = full_tensor(self.lora_E.detach())[start:stop].clone()
+        e_new = torch.full_like(e_old, self.init_e)
+        if self.scaling_mode == "rescale":
+            e_new *= self.active_rank / self.init_rank
+        e_view.copy_(e_new[where])
+        b_view, where = local_range(self.lora_B, 1, start, stop)
+        b_view.mul_((scaling_ratio * e_old / e_new)[where[1]])
 
     @torch.no_grad()
     def drop_reserve(self) -> None:

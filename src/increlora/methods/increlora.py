@@ -73,6 +73,8 @@ class IncreLoRA(Method):
                 dropout=config.dropout,
                 init_std=config.init_std,
                 new_rank_e=config.new_rank_e,
+                init=config.init,
+                init_e=config.init_e,
                 generator=generator,
             )
         total_capacity = sum(m.capacity for m in layers.values())
