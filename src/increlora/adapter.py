@@ -25,9 +25,11 @@ from .io import (
     AdapterFileError,
     atomic_directory,
     atomic_write_json,
+    file_sha256,
     load_tensors,
     read_json,
     save_tensors,
+    verify_file_checksums,
 )
 from .layers.base import AdapterLayer
 from .methods.base import Controller, Method, ModelHandle, get_method, method_for_config
@@ -107,7 +109,11 @@ class AdaptedModel(ModelHandle):
 
     # ------------------------------------------------------------------- saving
     def save(self, path: str | Path) -> None:
-        """Adapter-only save: ``increlora_config.json`` + ``adapter.safetensors`` (atomic)."""
+        """Adapter-only save: ``increlora_config.json`` + ``adapter.safetensors`` (atomic).
+
+        The JSON records each module's shape and ranks and the sha256 of the weight file,
+        which :func:`load_adapter` verifies.
+        """
         tensors: dict[str, torch.Tensor] = {}
         ranks = {}
         for name, layer in self.layers.items():
@@ -130,6 +136,7 @@ class AdaptedModel(ModelHandle):
         }
         with atomic_directory(path) as tmp:
             save_tensors(tmp / WEIGHTS_FILE, tensors)
+            meta["sha256"] = {WEIGHTS_FILE: file_sha256(tmp / WEIGHTS_FILE)}
             atomic_write_json(tmp / CONFIG_FILE, meta)
 
     def export_peft(self, path: str | Path, **kwargs: Any) -> None:
@@ -182,11 +189,21 @@ def inject(model: nn.Module, config: AdapterConfig, method: str | None = None) -
     return AdaptedModel(model, instance, layers, save_names)
 
 
+def _names(names: Any, limit: int = 5) -> str:
+    """A sorted, shortened list of names for an error message."""
+    names = sorted(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return (", ".join(names[:limit]) or "none") + more
+
+
 def load_adapter(model: nn.Module, path: str | Path) -> AdaptedModel:
     """Rebuild a saved adapter on ``model`` with the exact saved shapes and ranks.
 
-    Every file and shape is checked before the model is touched; a corrupt or foreign file,
-    or a model whose shapes differ, raises AdapterFileError naming the file and the problem.
+    Every file and shape is checked before the model is touched; a corrupt, modified or
+    foreign file (the weight file's sha256 recorded at save time is verified; adapters saved
+    before checksums were recorded load without that check), a recorded shape that differs
+    from the model's module, a tensor that belongs to no module of the model, or a model
+    whose shapes differ raises AdapterFileError naming the file and the problem.
     """
     path = Path(path)
     config_file = path / CONFIG_FILE
@@ -204,7 +221,10 @@ def load_adapter(model: nn.Module, path: str | Path) -> AdaptedModel:
         modules = meta["modules"]
     except (KeyError, TypeError, ConfigError) as err:
         raise AdapterFileError(f"{config_file}: malformed adapter config ({err})") from err
+    if not isinstance(modules, dict) or not all(isinstance(m, dict) for m in modules.values()):
+        raise AdapterFileError(f"{config_file}: malformed adapter config ('modules')")
     tensors = load_tensors(path / WEIGHTS_FILE)
+    verify_file_checksums(path, meta.get("sha256"), config_file)
     instance = cls(config)
     if hasattr(instance, "load_model"):  # methods without adapter layers restore themselves
         return instance.load_model(model, tensors, path / WEIGHTS_FILE)
@@ -213,8 +233,15 @@ def load_adapter(model: nn.Module, path: str | Path) -> AdaptedModel:
         if set(layers) != set(modules):
             raise AdapterFileError(
                 f"{config_file}: adapter was saved for modules that do not match this model"
-                f" (missing here: {sorted(set(modules) - set(layers))[:3]}, new here:"
-                f" {sorted(set(layers) - set(modules))[:3]})"
+                f" (not in this model: {_names(set(modules) - set(layers))}; in this model"
+                f" but not in the adapter: {_names(set(layers) - set(modules))})"
+            )
+        owners = [*layers, *save_names]
+        stray = [k for k in tensors if not any(k.startswith(n + ".") for n in owners)]
+        if stray:
+            raise AdapterFileError(
+                f"{path / WEIGHTS_FILE}: {len(stray)} tensor(s) belong to no adapted or saved"
+                f" module of this model: {_names(stray)}"
             )
         for name, layer in layers.items():
             own = {k[len(name) + 1 :]: t for k, t in tensors.items() if k.startswith(name + ".")}
@@ -222,6 +249,13 @@ def load_adapter(model: nn.Module, path: str | Path) -> AdaptedModel:
                 layer.check_adapter_state(own, modules[name]["ranks"])
             except ValueError as err:
                 raise AdapterFileError(f"{path / WEIGHTS_FILE}: module {name}: {err}") from err
+            shape = modules[name].get("shape")
+            if shape is not None and shape != [layer.out_features, layer.in_features]:
+                raise AdapterFileError(
+                    f"{config_file}: module {name} is recorded with shape {shape}, but this"
+                    f" model's module is [{layer.out_features}, {layer.in_features}] (out, in):"
+                    " the adapter belongs to another model, or its JSON was edited"
+                )
             layer.load_adapter_state(own, modules[name]["ranks"])
         for name in save_names:
             module = model.get_submodule(name)

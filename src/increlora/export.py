@@ -6,6 +6,10 @@ Each module's update is written as LoRA factors ``lora_A`` (r_m x d_in) and ``lo
 full dotted module name (PEFT matches keys as name suffixes: short keys would shadow others).
 Rank-0 modules go to ``exclude_modules`` (plain LoRA rejects r = 0). Fully trained extra
 modules (classification heads) go to ``modules_to_save``.
+
+``adapter_model.safetensors`` carries the sha256 of its tensor data in its own header
+metadata (``adapter_config.json`` is PEFT's, and PEFT ignores the metadata);
+:func:`increlora.methods.peft_reference.load_peft_adapter` verifies it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .io import atomic_directory, atomic_write_json, save_tensors
+from .io import atomic_directory, atomic_write_json, save_tensors_with_checksum
 
 if TYPE_CHECKING:
     from .adapter import AdaptedModel
@@ -82,6 +86,6 @@ def export_peft(
         "inference_mode": True,
     }
     with atomic_directory(path) as tmp:
-        save_tensors(tmp / "adapter_model.safetensors", tensors)
+        save_tensors_with_checksum(tmp / "adapter_model.safetensors", tensors)
         atomic_write_json(tmp / "adapter_config.json", config)
     return config

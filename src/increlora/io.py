@@ -7,7 +7,9 @@ temporary sibling and ``os.replace``d; directories are built beside the target a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -18,10 +20,13 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_save
 
 # mkstemp/mkdtemp create owner-only entries; outputs are ordinary shareable files and folders.
 _FILE_MODE = 0o644
 _DIR_MODE = 0o755
+
+logger = logging.getLogger(__name__)
 
 
 class AdapterFileError(ValueError):
@@ -73,6 +78,132 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterFileError(f"{path}: not a readable safetensors file ({err})") from err
+
+
+# ---------------------------------------------------------------- checksums of weight files
+# safetensors header metadata key holding the sha256 of the file's tensor data (everything
+# after the header): lets a file carry its own checksum (used for PEFT exports, whose
+# adapter_config.json belongs to PEFT).
+DATA_SHA256_KEY = "increlora.data_sha256"
+_HASH_CHUNK = 1 << 20
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a whole file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _safetensors_header_length(handle: Any, path: Path) -> int:
+    raw = handle.read(8)
+    size = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+    if size < 0 or size > path.stat().st_size - 8:
+        raise AdapterFileError(f"{path}: not a readable safetensors file (bad header length)")
+    return size
+
+
+def safetensors_data_sha256(path: str | Path) -> str:
+    """Hex sha256 of a safetensors file's tensor data (the bytes after its header)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        handle.seek(8 + _safetensors_header_length(handle, path))
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata in a safetensors header ({} when there is none)."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        header = handle.read(_safetensors_header_length(handle, path))
+    try:
+        metadata = json.loads(header).get("__metadata__") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise AdapterFileError(f"{path}: not a readable safetensors file ({err})") from err
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def save_tensors_with_checksum(path: str | Path, tensors: dict[str, torch.Tensor]) -> str:
+    """:func:`save_tensors` that stores the data's sha256 in the file's own header metadata.
+
+    The tensor data does not depend on the header, so it is hashed from an in-memory
+    serialization first. Returns the hex digest.
+    """
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    blob = safetensors_save(cpu)
+    digest = hashlib.sha256(memoryview(blob)[8 + int.from_bytes(blob[:8], "little") :])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(cpu, tmp, metadata={"format": "pt", DATA_SHA256_KEY: digest.hexdigest()})
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return digest.hexdigest()
+
+
+_CORRUPT_HINT = (
+    "the file is corrupted or was modified after it was saved; save or export the adapter"
+    " again from its run (or restore an intact copy)"
+)
+
+
+def verify_file_checksums(directory: str | Path, recorded: Any, record_file: str | Path) -> None:
+    """Check the weight files of ``directory`` against ``{file name: sha256}`` from a JSON file.
+
+    ``recorded`` is None for files saved before checksums were recorded (accepted, with a
+    debug note). A mismatch raises AdapterFileError naming the file.
+    """
+    directory, record_file = Path(directory), Path(record_file)
+    if recorded is None:
+        logger.debug(
+            "%s records no checksums (saved by an older increlora): not verified", record_file
+        )
+        return
+    if not isinstance(recorded, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in recorded.items()
+    ):
+        raise AdapterFileError(f"{record_file}: malformed 'sha256' entry (expected file -> hex)")
+    for name, expected in recorded.items():
+        path = directory / name
+        if Path(name).name != name:
+            raise AdapterFileError(f"{record_file}: 'sha256' names a file outside {directory}")
+        if not path.is_file():
+            raise AdapterFileError(f"{path}: file not found (listed in {record_file})")
+        if file_sha256(path) != expected.lower():
+            raise AdapterFileError(
+                f"{path}: sha256 differs from the one recorded in {record_file.name}: {_CORRUPT_HINT}"
+                f" (to load a deliberately edited file anyway, delete the 'sha256' entry of"
+                f" {record_file.name})"
+            )
+
+
+def verify_embedded_checksum(path: str | Path) -> bool:
+    """Check a safetensors file against the data sha256 in its header (see above).
+
+    Returns False, with a debug note, when the file carries none (written by PEFT itself or
+    an older increlora); raises AdapterFileError naming the file on a mismatch.
+    """
+    path = Path(path)
+    expected = safetensors_metadata(path).get(DATA_SHA256_KEY)
+    if expected is None:
+        logger.debug("%s carries no data checksum: not verified", path)
+        return False
+    if safetensors_data_sha256(path) != expected.lower():
+        raise AdapterFileError(
+            f"{path}: tensor data sha256 differs from its header: {_CORRUPT_HINT}"
+        )
+    return True
 
 
 def read_json(path: str | Path) -> Any:

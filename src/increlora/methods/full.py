@@ -19,7 +19,13 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig, require
-from ..io import AdapterFileError, atomic_directory, atomic_write_json, save_tensors
+from ..io import (
+    AdapterFileError,
+    atomic_directory,
+    atomic_write_json,
+    file_sha256,
+    save_tensors,
+)
 from .base import Controller, Method, ModelHandle, StaticController, register
 
 
@@ -99,6 +105,7 @@ class FullModel(ModelHandle):
         }
         with atomic_directory(path) as tmp:
             save_tensors(tmp / WEIGHTS_FILE, _unique_state(self.model))
+            meta["sha256"] = {WEIGHTS_FILE: file_sha256(tmp / WEIGHTS_FILE)}
             atomic_write_json(tmp / CONFIG_FILE, meta)
 
     def export_peft(self, path: str | Path, **kwargs: Any) -> None:

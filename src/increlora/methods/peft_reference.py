@@ -36,6 +36,7 @@ from torch import nn
 from ..allocation.step_guard import StepGuard, check_optimizer_holds, unwrap_optimizer
 from ..config import AdapterConfig, ConfigError, option, require
 from ..injection import find_modules_to_save, find_targets
+from ..io import AdapterFileError, load_tensors, read_json, verify_embedded_checksum
 from ..layers.base import Conv1D
 from .adalora import AdaLoRAConfig, final_budget_parameters
 from .base import Controller, Method, ModelHandle, StaticController, register
@@ -50,6 +51,73 @@ def import_peft() -> ModuleType:
         raise ImportError(
             "the peft-lora / peft-adalora methods need PEFT: pip install increlora[peft]"
         ) from err
+
+
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+
+def _stray_keys(model: nn.Module, keys: list[str]) -> list[str]:
+    """Adapter tensor keys that land on no module of ``model``.
+
+    A key lands when, after PEFT's ``base_model.model.`` prefix, its longest module-path
+    prefix names a module of ``model`` and the rest is an adapter tensor (``lora_*``) or one
+    of that module's own parameters / buffers (``modules_to_save``).
+    """
+    modules = dict(model.named_modules())
+    stray = []
+    for key in keys:
+        parts = key.removeprefix(_PEFT_PREFIX).split(".")
+        for cut in range(len(parts) - 1, -1, -1):
+            owner = ".".join(parts[:cut])
+            if owner in modules:
+                break
+        module, rest = modules[owner], parts[cut:]
+        own = {n for n, _ in module.named_parameters(recurse=False)}
+        own |= {n for n, _ in module.named_buffers(recurse=False)}
+        if not (rest and (rest[0].startswith("lora_") or ".".join(rest) in own)):
+            stray.append(key.removeprefix(_PEFT_PREFIX))
+    return stray
+
+
+def load_peft_adapter(model: nn.Module, path: str | Path) -> Any:
+    """``peft.PeftModel.from_pretrained(model, path)`` with every failure a one-line error.
+
+    Before the model is touched: ``adapter_config.json`` must be valid JSON that PEFT
+    accepts, ``adapter_model.safetensors`` must be readable and match the data checksum an
+    increlora export stores in its header (files written by PEFT itself carry none), and
+    every tensor must land on a module of ``model`` (an adapter for a deeper model is
+    refused, naming the modules this model lacks). Raises AdapterFileError naming the file.
+    """
+    peft = import_peft()
+    path = Path(path)
+    config_file, weights_file = path / PEFT_CONFIG_FILE, path / PEFT_WEIGHTS_FILE
+    config = read_json(config_file)
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise AdapterFileError(f"{config_file}: not a PEFT adapter config (no 'peft_type')")
+    try:
+        peft.PeftConfig.from_pretrained(str(path))
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise AdapterFileError(f"{config_file}: PEFT rejects this config ({err})") from err
+    if weights_file.is_file():
+        verify_embedded_checksum(weights_file)
+        keys = list(load_tensors(weights_file))
+        stray = _stray_keys(model, keys)
+        if stray:
+            shown = ", ".join(stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
+            raise AdapterFileError(
+                f"{weights_file}: {len(stray)} adapter tensor(s) land on no module of this"
+                f" model: {shown}. The adapter was trained on another (e.g. deeper) model;"
+                " pass that base model"
+            )
+    elif not (path / "adapter_model.bin").is_file():
+        raise AdapterFileError(f"{weights_file}: file not found")
+    try:
+        return peft.PeftModel.from_pretrained(model, str(path))
+    except (ValueError, RuntimeError, KeyError, TypeError, OSError) as err:
+        message = " ".join(str(err).split())
+        raise AdapterFileError(f"{path}: PEFT could not load this adapter ({message})") from err
 
 
 @dataclass

@@ -38,9 +38,9 @@ def export_adapter(
     if own:
         merged = load_adapter(loaded.model, adapter_dir).merge_and_unload()
     elif (adapter_dir / "adapter_config.json").is_file():
-        from peft import PeftModel
+        from ..methods.peft_reference import load_peft_adapter
 
-        merged = PeftModel.from_pretrained(loaded.model, str(adapter_dir)).merge_and_unload()
+        merged = load_peft_adapter(loaded.model, adapter_dir).merge_and_unload()
     else:
         raise FileNotFoundError(
             f"{adapter_dir}: no adapter_config.json (PEFT) or {CONFIG_FILE} (increlora) here"
