@@ -243,8 +243,14 @@ def test_a_run_too_short_for_allocation_warns_and_says_so_in_the_plan(caplog):
     model = CASE.make()
     adapted = increlora.inject(model, _config(target_rank=2))
     optimizer = torch.optim.AdamW(adapted.trainable_parameters())
-    with caplog.at_level(logging.WARNING, logger="increlora.allocation"):
-        controller = adapted.controller(optimizer, total_steps=4)
+    # The CLI may have stopped the package logger propagating to pytest's root handler.
+    package_logger = logging.getLogger("increlora")
+    package_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="increlora.allocation"):
+            controller = adapted.controller(optimizer, total_steps=4)
+    finally:
+        package_logger.removeHandler(caplog.handler)
     assert controller.plan.uniform
     assert "too short for allocation" in caplog.text
 
@@ -268,3 +274,80 @@ def test_a_short_run_allocates_unevenly_by_score():
     for event in controller.history:
         chosen = min(g["score"] for g in event["grown"])
         assert event["threshold"] is None or chosen >= event["threshold"]
+
+
+def test_the_last_rounds_event_counts_what_trains_after_the_reserve_drop():
+    torch.manual_seed(0)
+    model = CASE.make()
+    adapted = increlora.inject(model, _config(target_rank=2, init_warmup=2, interval=2, top_h=6))
+    optimizer = torch.optim.AdamW(adapted.trainable_parameters(), lr=0.01)
+    controller = adapted.controller(optimizer, total_steps=10)
+    for step in range(10):
+        (CASE.loss(model, CASE.inputs(seed=step)) + controller.regularization_loss()).backward()
+        optimizer.step()
+        controller.step()
+        optimizer.zero_grad()
+    last = controller.history[-1]
+    assert last["budget_reached"] and not controller.history[0]["budget_reached"]
+    expected = sum(
+        m.active_rank * (m.in_features + m.out_features + 1) for m in adapted.layers.values()
+    )
+    assert last["trainable_params"] == expected == controller.num_trainable_parameters()
+
+
+def _schedulers(optimizer, total):
+    return {
+        "onecycle": torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.02, total_steps=total),
+        "cosine_warmup": torch.optim.lr_scheduler.SequentialLR(
+            optimizer,
+            [
+                torch.optim.lr_scheduler.LinearLR(optimizer, 0.1, 1.0, total_iters=4),
+                torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total - 4),
+            ],
+            milestones=[4],
+        ),
+        "constant": torch.optim.lr_scheduler.ConstantLR(optimizer, 1.0, total_iters=0),
+        "lambda": torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 + 0.5 * s),
+    }
+
+
+@pytest.mark.parametrize("name", ["onecycle", "cosine_warmup", "constant", "lambda"])
+def test_restart_warmup_peaks_at_the_lr_the_users_schedule_reached(name):
+    torch.manual_seed(0)
+    model = CASE.make()
+    adapted = increlora.inject(
+        model, _config(target_rank=2, init_warmup=5, interval=5, top_h=12, restart_warmup_steps=2)
+    )
+    optimizer = torch.optim.AdamW(adapted.trainable_parameters(), lr=0.01)
+    total = 20
+    scheduler = _schedulers(optimizer, total)[name]
+    controller = adapted.controller(optimizer, total_steps=total)
+    used = []
+    for step in range(8):
+        used.append(optimizer.param_groups[0]["lr"])
+        (CASE.loss(model, CASE.inputs(seed=step)) + controller.regularization_loss()).backward()
+        optimizer.step()
+        controller.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    peak = controller.fresh._peak(0)
+    assert peak == pytest.approx(max(used))  # independent: the lrs the schedule really used
+    # A rank activated at step 5 reaches that peak once warmed up (age == warmup).
+    row_lr = controller.fresh.row_lr(peak, torch.tensor([5]), 7)
+    assert float(row_lr) == pytest.approx(max(used))
+
+
+def test_an_interval_alone_derives_top_h_so_growth_still_fits():
+    slots = _minilm_like_slots() * 2  # 72 modules
+    plan = make_plan(IncreLoRAConfig(target_rank=2, interval=2), slots, 200)
+    assert plan.interval == 2 and plan.round_steps()[-1] <= 100
+    plan = make_plan(IncreLoRAConfig(target_rank=2, init_warmup=100), slots, 1000)
+    assert plan.init_warmup == 100 and plan.round_steps()[-1] <= 500  # growth_end_fraction
+
+
+def test_a_run_too_short_for_the_budget_says_how_long_it_must_be():
+    with pytest.raises(increlora.ConfigError, match="train for at least 3 steps") as err:
+        make_plan(IncreLoRAConfig(target_rank=2), _minilm_like_slots(), 2)
+    assert "unset" not in str(err.value)
+    with pytest.raises(increlora.ConfigError, match="leave interval/top_h unset"):
+        make_plan(IncreLoRAConfig(target_rank=2, interval=50, top_h=1), _minilm_like_slots(), 60)

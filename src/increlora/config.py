@@ -105,7 +105,8 @@ class IncreLoRAConfig(AdapterConfig):
     )
     restart_warmup_steps: int | None = option(
         None,
-        "Newly activated parameters warm up from 0 to the initial peak lr over this many steps,"
+        "Newly activated parameters warm up from 0 to the peak lr the schedule has reached over"
+        " this many steps,"
         " then decay linearly to 0 at the end of training. None: use interval. 0: disable.",
     )
     importance: Importance = option(

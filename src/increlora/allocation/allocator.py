@@ -182,6 +182,9 @@ class IncreLoRAAllocator:
             if self.plan.is_round(t):
                 event = self._grow(t)
             self._check_done(t)
+            if event is not None:  # after the last round's reserve drop: what really trains
+                event["trainable_params"] = self.num_trainable_parameters()
+                event["budget_reached"] = not self.growing
         self._set_capture(t + 1)
         return event
 

@@ -1,8 +1,9 @@
 """Ranks that start training mid-run behave like freshly created parameters.
 
 IncreLoRA's "restart warmup" gives parameters activated at a growth round their own learning
-rate: a linear warm-up from 0 to the initial peak lr over ``warmup`` steps, then a linear
-decay to 0 at the end of training. The original code adds an optimizer param group per round,
+rate: a linear warm-up from 0 to the peak lr over ``warmup`` steps, then a linear decay to 0
+at the end of training. The peak is the highest lr the user's schedule has reached so far
+(whatever the scheduler: OneCycleLR, warm-up + cosine, constant, LambdaLR). The original code adds an optimizer param group per round,
 which breaks DDP and torch LR schedulers. Here no param group is added: rows live inside the
 pre-allocated tensors, and after each ``optimizer.step()`` their new values are corrected:
 
@@ -99,11 +100,17 @@ class FreshRows:
             for p, dim in targets:
                 _state_rows_zero(self.optimizer, p, dim, idx)
 
+    def observe_lr(self) -> None:
+        """Track the highest lr each group's schedule has reached (called every step).
+
+        The restart schedule warms new ranks up to this peak. ``initial_lr`` is not it:
+        OneCycleLR sets it to max_lr / 25, and a warm-up schedule starts below its peak.
+        """
+        for g, group in enumerate(self.optimizer.param_groups):
+            self.peak_lr[g] = max(self.peak_lr.get(g, 0.0), float(group["lr"]))
+
     def _peak(self, group_idx: int) -> float:
-        if group_idx not in self.peak_lr:
-            group = self.optimizer.param_groups[group_idx]
-            self.peak_lr[group_idx] = float(group.get("initial_lr", group["lr"]))
-        return self.peak_lr[group_idx]
+        return self.peak_lr.get(group_idx, float(self.optimizer.param_groups[group_idx]["lr"]))
 
     def row_lr(self, peak: float, start: torch.Tensor, step: int) -> torch.Tensor:
         """The restart schedule: warm-up over ``warmup`` steps, then linear decay to 0 at T."""
@@ -118,6 +125,7 @@ class FreshRows:
     @torch.no_grad()
     def before_step(self) -> None:
         """Snapshot the rows that started mid-run (a few rows: cheap)."""
+        self.observe_lr()
         self._pending = []
         for i, layer in enumerate(self.layers):
             for p, dim, start, limit in (

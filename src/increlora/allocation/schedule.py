@@ -145,13 +145,22 @@ def make_plan(config: IncreLoRAConfig, slots: list[ModuleSlot], total_steps: int
                 ),
                 None,
             )
-            hint = f"raise top_h to {fit_top_h}" if fit_top_h else "lower interval/init_warmup"
+            given = [
+                f for f in ("init_warmup", "interval", "top_h") if getattr(config, f) is not None
+            ]
+            if given:
+                hint = f"raise top_h to {fit_top_h}" if fit_top_h else "lower interval/init_warmup"
+                fix = (
+                    f"{hint}, lower interval or init_warmup, or train longer (or leave"
+                    f" {'/'.join(given)} unset to derive {'it' if len(given) == 1 else 'them'})"
+                )
+            else:
+                fix = f"train for at least {last + 1} steps, or lower {field}"
             raise ConfigError(
                 f"schedule: reaching the budget ({missing} more {unit}s) needs {rounds} growth"
                 f" rounds of top_h={top_h} x add_r={add_r}; with init_warmup={init_warmup} and"
                 f" interval={interval} the last lands at step {last}, but training has only"
-                f" {total_steps} steps. Fix: {hint}, lower interval or init_warmup, or train"
-                " longer (or leave the schedule fields unset to derive them)"
+                f" {total_steps} steps. Fix: {fix}"
             )
     return GrowthPlan(
         init_warmup, interval, top_h, add_r, total_steps, budget, unit, rounds, len(slots)
@@ -161,18 +170,26 @@ def make_plan(config: IncreLoRAConfig, slots: list[ModuleSlot], total_steps: int
 def _derive(
     config: IncreLoRAConfig, slots: list[ModuleSlot], missing: int, unit: str, total_steps: int
 ) -> tuple[int, int, int]:
-    """Pick the smallest top_h whose rounds, spaced >= ``min_derived_interval`` steps apart,
-    end by ``growth_end_fraction`` of training; init_warmup = interval (the paper's setting)."""
+    """Fill the schedule fields left unset from the ones the user set, so that growth ends by
+    ``growth_end_fraction`` of training: the smallest top_h whose rounds fit, spaced at least
+    ``min_derived_interval`` steps apart (unless interval is given); init_warmup = interval
+    (the paper's setting) unless given, and a given init_warmup shortens the span left."""
     horizon = max(2, int(config.growth_end_fraction * total_steps))
     min_interval = min_derived_interval(horizon)
     candidates = [config.top_h] if config.top_h is not None else range(1, len(slots) + 1)
     best = None
     for top_h in candidates:
         rounds = _rounds_needed(missing, unit, slots, top_h, config.add_r)
-        interval = config.interval or max(1, horizon // (rounds + 1))
+        if config.interval is not None:
+            interval = config.interval
+        elif config.init_warmup is not None:
+            interval = max(1, (horizon - config.init_warmup) // max(rounds, 1))
+        else:
+            interval = max(1, horizon // (rounds + 1))
         init_warmup = config.init_warmup if config.init_warmup is not None else interval
         best = (init_warmup, interval, top_h)
-        if interval >= min_interval or config.interval is not None:
+        fits = rounds == 0 or _last_round(init_warmup, interval, rounds) <= horizon
+        if fits and (interval >= min_interval or config.interval is not None):
             return best
     assert best is not None
     return best
