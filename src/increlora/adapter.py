@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import methods as _methods  # noqa: F401  (fills the registry)
+from .adapter_format import ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, CONFIG_FILE, WEIGHTS_FILE
 from .config import AdapterConfig, ConfigError
 from .injection import find_modules_to_save, find_targets, replace_module
 from .io import (
@@ -33,11 +34,6 @@ from .io import (
 )
 from .layers.base import AdapterLayer
 from .methods.base import Controller, Method, ModelHandle, get_method, method_for_config
-
-ADAPTER_FORMAT = "increlora-adapter"
-ADAPTER_FORMAT_VERSION = 1
-CONFIG_FILE = "increlora_config.json"
-WEIGHTS_FILE = "adapter.safetensors"
 
 
 class AdaptedModel(ModelHandle):

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapter_format import ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, CONFIG_FILE, WEIGHTS_FILE
 from ..config import AdapterConfig, require
 from ..io import (
     AdapterFileError,
@@ -93,7 +94,6 @@ class FullModel(ModelHandle):
 
     def save(self, path: str | Path) -> None:
         """Every weight (``adapter.safetensors``) + ``increlora_config.json``, atomically."""
-        from ..adapter import ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, CONFIG_FILE, WEIGHTS_FILE
 
         meta = {
             "format": ADAPTER_FORMAT,
