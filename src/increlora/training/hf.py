@@ -15,14 +15,22 @@ What it wires in, so none of it can be forgotten (PEFT's AdaLoRA needs a hand-wr
   ``zero_grad()``, once per optimizer step whatever the gradient accumulation); an fp16 step
   the grad scaler skipped is a no-op, and the controller finds accelerate's scaler on the
   optimizer, so its scores use unscaled gradients;
-* ``compute_loss`` adds ``controller.regularization_loss()`` (once per optimizer step in
-  total, however the Trainer normalizes the loss for gradient accumulation);
+* ``compute_loss`` adds ``controller.regularization_loss()`` with the weight it has against
+  the task loss without accumulation, however the Trainer and the model normalize the task
+  loss for gradient accumulation (see :meth:`IncreLoRATrainer.regularizer_scale`);
 * each growth event is logged through ``Trainer.log`` (``state.log_history`` and every
-  ``report_to`` logger) as ``increlora/total_rank``, ``increlora/trainable_params``... and
-  ``increlora/rank/<module>`` for the modules that grew;
+  ``report_to`` logger) as ``increlora/total_rank``, ``increlora/trainable_params`` (after
+  the step: without the reserve ranks dropped when the budget is reached)... and
+  ``increlora/rank/<module>`` for the modules that grew; the step the budget is reached logs
+  ``increlora/budget_reached``. The Trainer's own loss log of that step is kept;
 * every Trainer checkpoint gets the controller state (``increlora_controller.json`` +
   ``.safetensors``, pickle-free) and ``resume_from_checkpoint`` restores it, so growth
-  continues exactly as in an uninterrupted run;
+  continues exactly as in an uninterrupted run; ``load_best_model_at_end`` restores the best
+  checkpoint's controller state (its ranks) together with its weights;
+* ``trainer.save_model(d)`` writes what loads without increlora: the merged model
+  (``AutoModel...from_pretrained(d)``, with the processing class) and the PEFT LoRA adapter
+  in ``d/peft_adapter`` (``PeftModel.from_pretrained``); the Trainer's checkpoints keep the
+  full training state;
 * at the end the adapter is exported in the PEFT LoRA format to ``export_dir`` (default
   ``<output_dir>/peft_adapter``) for ``peft.PeftModel.from_pretrained``.
 
@@ -44,7 +52,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from ..adapter import AdaptedModel
 from ..allocation.step_guard import unwrap_optimizer
 from ..distributed import gathered_parameters
+from ..export import EmptyAdapterError
 from ..io import AdapterFileError, load_state, save_state
+from ..layers.base import AdapterLayer
 
 logger = logging.getLogger("increlora.training")
 
@@ -64,6 +74,39 @@ def event_logs(event: dict[str, Any]) -> dict[str, float]:
     return logs
 
 
+def merged_state_dict(model: torch.nn.Module, adapted: AdaptedModel) -> dict[str, torch.Tensor]:
+    """``model``'s state dict as the plain model's: every update folded into its base weight.
+
+    Out of place (the training model is not touched): ``<layer>.base_layer.<key>`` becomes
+    ``<layer>.<key>``, the weight gains the layer's dense update, and the adapter's own
+    tensors are left out. ``adapted.model`` may sit inside ``model`` (its keys get the prefix).
+    """
+    prefix = next(
+        (f"{name}." if name else "" for name, m in model.named_modules() if m is adapted.model),
+        None,
+    )
+    if prefix is None:
+        raise ValueError("adapted: was injected into another model than this one")
+    if any(not isinstance(layer, AdapterLayer) for layer in adapted.layers.values()):
+        raise NotImplementedError(
+            f"method {adapted.method.name!r}: its layers are not increlora adapter layers; save"
+            " with the library that made them"
+        )
+    state = model.state_dict()
+    for name, layer in adapted.layers.items():
+        base = f"{prefix}{name}.base_layer."
+        for key in [k for k in state if k.startswith(f"{prefix}{name}.")]:
+            tensor = state.pop(key)
+            if not key.startswith(base):
+                continue  # the adapter's own parameters and buffers
+            plain = f"{prefix}{name}.{key[len(base) :]}"
+            if key == f"{base}weight" and not (layer.merged or layer.disabled):
+                with torch.no_grad():
+                    tensor = tensor + layer._oriented(layer.delta_weight())
+            state[plain] = tensor
+    return state
+
+
 class _ControllerCallback(TrainerCallback):
     """The Trainer events IncreLoRATrainer hooks into (see the module docstring)."""
 
@@ -79,15 +122,34 @@ class _ControllerCallback(TrainerCallback):
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self.pending = self.trainer.controller.step()
+        controller = self.trainer.controller
+        was_growing = bool(getattr(controller, "growing", False))
+        event = controller.step()
+        logs = event_logs(event) if event else {}
+        if was_growing and not getattr(controller, "growing", False):
+            logs["increlora/budget_reached"] = 1.0
+        if logs:
+            # Counted now: the event counted the reserve ranks dropped when the budget was
+            # reached in this same step.
+            count = getattr(controller, "num_trainable_parameters", None)
+            if count is not None:
+                logs["increlora/trainable_params"] = float(count())
+            if hasattr(controller, "total_rank"):
+                logs["increlora/total_rank"] = float(controller.total_rank)
+        self.pending = logs or None
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
+    ) -> TrainerControl:
         # Logged here, not in on_optimizer_step: global_step now counts the step just taken.
         if self.pending:
-            event, self.pending = self.pending, None
-            self.trainer.log(event_logs(event))
+            logs, self.pending = self.pending, None
+            # Trainer.log resets control.should_log, which the default flow callback has just
+            # set for a logging step: keep it, or the Trainer's loss log of this step is lost.
+            should_log = control.should_log
+            self.trainer.log(logs)
+            control.should_log = should_log
+        return control
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -134,6 +196,7 @@ class IncreLoRATrainer(Trainer):
         self.export_dir = export_dir
         self.controller: Any = None
         self._resume_dir: str | None = None
+        self._loss_uses_num_items: bool | None = None  # measured once, see regularizer_scale
         self.add_callback(_ControllerCallback(self))
 
     # ---------------------------------------------------------------------- training
@@ -156,28 +219,88 @@ class IncreLoRATrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> Any:
         """The Trainer's loss plus the controller's regularizer (while training)."""
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.controller is None or not model.training:
-            return result
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # Before the loss: the probe it may run needs the inputs as given (labels included).
+        scale = self.regularizer_scale(model, inputs, num_items_in_batch)
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = result if return_outputs else (result, None)
-        regularization = self.controller.regularization_loss()
-        if self._loss_is_scaled_for_accumulation(num_items_in_batch):
-            # training_step will not divide this loss by the accumulation steps: do it for
-            # the regularizer, so it counts once per optimizer step like the task loss.
-            regularization = regularization / self.current_gradient_accumulation_steps
+        regularization = self.controller.regularization_loss() * scale
         loss = loss + regularization.to(loss.device, loss.dtype)
         return (loss, outputs) if return_outputs else loss
 
-    def _loss_is_scaled_for_accumulation(self, num_items_in_batch: Any) -> bool:
-        # Mirrors Trainer.training_step: it divides the loss by the accumulation steps unless
-        # the model or compute_loss_func already normalized it by num_items_in_batch.
+    def regularizer_scale(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any
+    ) -> float:
+        """What multiplies the regularizer of one micro-batch in ``compute_loss``.
+
+        Chosen so that the regularizer weighs against the task loss as it does with one
+        micro-batch per optimizer step on one process (loss = task mean + regularizer). The
+        Trainer back-propagates, per micro-batch, ``c x`` the micro-batch's mean task loss,
+        and ``training_step`` divides the loss by the accumulation steps only when it takes it
+        as not yet normalized. When the task loss was normalized by ``num_items_in_batch``
+        (the items of the whole optimizer step), ``c`` is ``1 / micro-batches`` whatever
+        ``training_step`` does, and so is this scale. Many models accept
+        ``num_items_in_batch`` but ignore it (sequence-classification heads compute a plain
+        mean): then ``training_step`` does not divide either, each micro-batch counts fully
+        (times the processes when the Trainer averages items across devices), and the
+        regularizer must too. Whether the model's loss uses ``num_items_in_batch`` is measured
+        once, on the first micro-batch that needs it (two no-grad forward passes in eval mode:
+        no dropout, no random state used).
+        """
+        steps = getattr(self, "current_gradient_accumulation_steps", 1) or 1
+        processes = self._process_factor(num_items_in_batch)
+        if steps == 1 and processes == 1:
+            return 1.0
+        if self._task_loss_is_normalized(model, inputs, num_items_in_batch):
+            return 1.0 / steps
+        return processes
+
+    def _process_factor(self, num_items_in_batch: Any) -> float:
+        # Trainer.compute_loss multiplies the loss by the data-parallel processes when it
+        # averages num_items_in_batch across them (the normalized loss is then a mean again).
+        args = self.args
+        if not (
+            getattr(args, "average_tokens_across_devices", False)
+            and (self.model_accepts_loss_kwargs or self.compute_loss_func is not None)
+            and num_items_in_batch is not None
+        ):
+            return 1.0
+        if args.n_gpu > 1:
+            return float(args.n_gpu)
+        tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+        return float(max(1, self.accelerator.num_processes // tp))
+
+    def _task_loss_is_normalized(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any
+    ) -> bool:
+        """Whether the task loss is normalized by the items of the whole optimizer step."""
         scaled = getattr(self, "loss_is_scaled_for_ga", None)
-        if scaled is not None:
+        if scaled is not None:  # the user's own statement about their compute_loss
             return bool(scaled)
-        return bool(
-            (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
-            or self.compute_loss_func is not None
-        )
+        if num_items_in_batch is None:
+            return False
+        if self.compute_loss_func is not None:  # it receives num_items_in_batch
+            return True
+        if not self.model_accepts_loss_kwargs:
+            return False
+        if self._loss_uses_num_items is None:
+            training = model.training
+            model.eval()
+            losses = []
+            try:
+                with torch.no_grad():
+                    for items in (num_items_in_batch, num_items_in_batch * 2):
+                        loss = super().compute_loss(model, dict(inputs), False, items)
+                        losses.append(loss.detach().float())
+            finally:
+                model.train(training)
+            self._loss_uses_num_items = not torch.allclose(*losses)
+            logger.info(
+                "the model's loss %s num_items_in_batch: the regularizer is weighted accordingly",
+                "uses" if self._loss_uses_num_items else "ignores",
+            )
+        return self._loss_uses_num_items
 
     # -------------------------------------------------------------------- controller
     def _start_controller(self, total_steps: int) -> None:
@@ -201,6 +324,59 @@ class IncreLoRATrainer(Trainer):
                 )
             controller.load_state_dict(load_state(folder, CONTROLLER_STATE))
         self.controller = controller
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the best checkpoint's controller state (its ranks) too."""
+        super()._load_best_model()
+        folder = Path(self.state.best_model_checkpoint)
+        if self.controller is None or not (folder / f"{CONTROLLER_STATE}.json").is_file():
+            logger.warning(
+                "%s has no %s.json: the best weights were loaded, the ranks were not",
+                folder,
+                CONTROLLER_STATE,
+            )
+            return
+        self.controller.load_state_dict(load_state(folder, CONTROLLER_STATE))
+        logger.info("controller state (ranks) of %s restored with its weights", folder)
+
+    # ------------------------------------------------------------------------ saving
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Write the merged model and the PEFT adapter (``<output_dir>/peft_adapter``).
+
+        ``AutoModel...from_pretrained(output_dir)`` loads the merged model (base weights plus
+        every update, trained ``modules_to_save``; no increlora or peft needed), with the
+        processing class and training arguments as ``Trainer.save_model`` writes them.
+        The Trainer's own checkpoints (``_internal_call``) keep the full training state, which
+        resume and ``load_best_model_at_end`` need.
+        """
+        if _internal_call:
+            super().save_model(output_dir, _internal_call=True)
+            return
+        output_dir = str(output_dir if output_dir is not None else self.args.output_dir)
+        peft_model = getattr(self.adapted, "peft_model", None)
+        if peft_model is not None:  # PEFT's own layers (the peft-* references): PEFT's format
+            if self.args.should_save:
+                peft_model.save_pretrained(output_dir)
+            return
+        # Collective under FSDP2 (every process gathers); the main process writes.
+        with gathered_parameters(self.adapted.model, trainable_only=False):
+            state = merged_state_dict(self.model, self.adapted) if self.args.should_save else {}
+            self._save(output_dir, state_dict=state)
+            if self.args.should_save and self.adapted.method.peft_exportable:
+                try:
+                    self.adapted.export_peft(
+                        Path(output_dir) / DEFAULT_EXPORT, **self._peft_export_kwargs()
+                    )
+                except EmptyAdapterError as err:
+                    logger.warning("no PEFT adapter written: %s", err)
+        if self.args.should_save:
+            logger.info("merged model and PEFT adapter saved to %s", output_dir)
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _peft_export_kwargs(self) -> dict[str, Any]:
+        name = getattr(getattr(self.adapted.model, "config", None), "_name_or_path", None)
+        return {"base_model_name_or_path": name} if name else {}
 
     def _export(self) -> None:
         if self.export_dir is None or not self.adapted.method.peft_exportable:
