@@ -114,3 +114,59 @@ def model_case(request) -> ModelCase:
 
 def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+# --------------------------------------------------------------------- skip allowance
+# A skip hides a check. CI (.ci/run) runs `pytest -rs --max-skips tests/skip_allowance.txt`:
+# every skip reason is printed, and more skips than the recorded allowance fail the run (a
+# missing test dependency, a new environment check that never runs). Plain `pytest` is not
+# limited.
+_SKIPPED: set[str] = set()
+_OVER_ALLOWANCE = pytest.StashKey[str]()
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--max-skips",
+        default=None,
+        metavar="N_OR_FILE",
+        help="fail when more tests skip than N (or the number in this file)",
+    )
+
+
+def _skip_allowance(value: str) -> int:
+    text = value
+    if not value.strip().isdigit():
+        with open(value, encoding="utf-8") as handle:
+            text = next((line for line in handle if line.strip() and not line.startswith("#")), "")
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise pytest.UsageError(f"--max-skips {value}: expected a number, got {text!r}") from None
+
+
+def pytest_runtest_logreport(report) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _SKIPPED.add(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    value = session.config.getoption("--max-skips")
+    if value is None:
+        return
+    allowance = _skip_allowance(value)
+    if len(_SKIPPED) > allowance:
+        session.config.stash[_OVER_ALLOWANCE] = (
+            f"{len(_SKIPPED)} tests skipped, more than the allowance of {allowance}"
+            f" (--max-skips {value}). The reasons are listed above (-rs): install what is"
+            " missing (pip install -c constraints.txt -e '.[test]'), or, for an intended new"
+            " skip, raise the recorded number."
+        )
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    message = config.stash.get(_OVER_ALLOWANCE, None)
+    if message:
+        terminalreporter.write_line(message, red=True, bold=True)

@@ -63,6 +63,8 @@ def train_args(model: Path, out: Path, *extra: str, task: str = "sst2") -> list[
         str(GLUE),
         "--train-size",
         "none",
+        "--max-length",
+        "64",  # what the tiny model takes
         "--batch-size",
         "2",
         "--max-steps",
@@ -367,7 +369,9 @@ def test_print_config_merges_file_and_options(tmp_path, capsys) -> None:
     assert cli.main([*args, "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["data"]["task"] == "rte"
-    assert printed["data"]["train_size"] == 2000  # from the built-in default job
+    # Not the default job (task mr): its train_size / max_length / eval_every do not apply.
+    assert printed["data"]["train_size"] is None and printed["data"]["max_length"] == 128
+    assert printed["train"]["eval_every"] is None
     assert printed["train"]["seed"] == 3
     assert printed["method"] == {"name": "increlora", "target_rank": 2, "top_h": 4, "add_r": 2}
     # Another method drops the previous method's own fields, keeps the budget.
@@ -428,10 +432,11 @@ def test_bench_is_resumable_and_report_aggregates_seeds(
 
     assert cli.main(["report", str(tmp_path / "bench")]) == 0
     report = (tmp_path / "bench" / "report.md").read_text()
-    rows = [line for line in report.splitlines() if line.startswith("| sst2")]
-    assert len(rows) == 2 and all("±" in row and "| 2 |" in row for row in rows)
-    assert "increlora (top_h=12, lr=0.01)" in report
-    assert (tmp_path / "bench" / "report_sst2.png").stat().st_size > 0
+    assert "### sst2" in report
+    rows = [ln for ln in report.splitlines() if ln.startswith(("| increlora", "| fast"))]
+    assert len(rows) == 2 and all("±" in row and "| 0,1 |" in row for row in rows)
+    assert "| fast ⚠ uniform | 0.01 |" in report  # 3 steps: too short to allocate
+    assert (tmp_path / "bench" / "report_bench.png").stat().st_size > 0
 
 
 def test_accumulation_and_bf16_count_optimizer_steps(tiny_model, tmp_path) -> None:
@@ -496,3 +501,288 @@ def test_other_methods_train_and_reload_to_the_same_metric(
     assert cli.main(["evaluate", "--adapter", str(out / adapter), "--output", str(result)]) == 0
     pearson = json.loads(result.read_text())["metrics"]["validation"]["pearson"]
     assert pearson == pytest.approx(metrics["best"]["value"], abs=1e-6)
+
+
+def test_report_to_tensorboard_logs_the_run_live(tiny_model, tmp_path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tracked"
+    assert cli.main(train_args(tiny_model, out, "--report-to", "tensorboard")) == 0
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()
+    records = log_records(out)
+    train = [r for r in records if r["event"] == "train"]
+    for tag, key in [
+        ("train/loss", "loss"),
+        ("train/lr", "lr"),
+        ("train/total_rank", "total_rank"),
+        ("train/trainable_params", "trainable_params"),
+    ]:
+        assert tag in tags["scalars"], tag
+        logged = {e.step: e.value for e in events.Scalars(tag)}
+        for record in train:  # every train record of train_log.jsonl, at its step
+            assert logged[record["step"]] == pytest.approx(record[key], rel=1e-6), (tag, record)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert events.Scalars("train/total_rank")[-1].value == metrics["total_rank"]
+    evals = [r for r in records if r["event"] == "eval"]
+    main = {e.step: e.value for e in events.Scalars("eval/main")}
+    assert main == pytest.approx({r["step"]: r["main"] for r in evals})
+    accuracy = events.Scalars("eval/validation/accuracy")
+    assert [e.step for e in accuracy] == [r["step"] for r in evals] == [3, 6, 9, 10]
+    images = events.Images("ranks")  # the rank heatmap at every evaluation
+    assert [i.step for i in images] == [3, 6, 9, 10]
+    assert all(i.width > 100 and i.height > 100 for i in images)
+
+
+def test_report_to_names_unknown_and_missing_trackers(tiny_model, tmp_path, monkeypatch, capsys):
+    assert cli.main(train_args(tiny_model, tmp_path / "a", "--report-to", "tensorbord")) == 2
+    assert "report_to: unknown tracker(s) ['tensorbord']" in capsys.readouterr().err
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
+    assert cli.main(train_args(tiny_model, tmp_path / "b", "--report-to", "wandb")) == 2
+    assert "wandb not installed; `pip install wandb`" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()  # refused before anything was written
+
+
+# ------------------------------------------------------- issue 11: early, typed, strict
+def _rte_folder(root: Path, train_rows: int, header_only: bool = False) -> Path:
+    """A GLUE-layout RTE folder: ``train_rows`` examples in train.tsv, 4 in dev.tsv."""
+    folder = root / "RTE"
+    folder.mkdir(parents=True)
+    header = "index\tsentence1\tsentence2\tlabel\n"
+    labels = ("entailment", "not_entailment")
+    rows = [
+        f"{i}\tthe dog is playing\tthe {WORDS[i % 20]} is fun\t{labels[i % 2]}\n"
+        for i in range(train_rows)
+    ]
+    (folder / "train.tsv").write_text(header + ("" if header_only else "".join(rows)))
+    (folder / "dev.tsv").write_text(header + "".join(rows[:4] or [f"0\ta\tb\t{labels[0]}\n"]))
+    return root
+
+
+def test_own_dataset_uses_all_its_data_not_the_default_job_size(tiny_model, tmp_path, capsys):
+    data = _rte_folder(tmp_path / "glue", 1500)  # fewer than the default job's 2,000
+    out = tmp_path / "rte"
+    args = ["train", "--model", str(tiny_model), "--task", "rte", "--data-dir", str(data)]
+    assert (
+        cli.main([*args, "--max-steps", "10", "--batch-size", "4", "--output-dir", str(out)]) == 0
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"]["sizes"]["train"] == 1500
+    config = metrics["config"]
+    assert config["data"]["train_size"] is None and config["data"]["max_length"] == 128
+    assert config["train"]["eval_every"] is None
+    # --train-size still picks a subset; the default job (task mr, built-in data) keeps its own.
+    capsys.readouterr()
+    assert cli.main([*args, "--train-size", "300", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["train_size"] == 300
+    for default_job in ([], ["--task", "mr"], ["--method", "lora"]):
+        assert cli.main(["train", *default_job, "--print-config"]) == 0
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["data"]["train_size"] == 2000 and printed["data"]["max_length"] == 64
+    assert cli.main(["train", "--task", "mr", "--data-dir", str(tmp_path), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["train_size"] is None
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Fail the test if a run starts (the model, data or accelerator would load)."""
+
+    def trainer(*args, **kwargs):
+        raise AssertionError("the run started: the error should have come first")
+
+    monkeypatch.setattr(loop, "Trainer", trainer)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (
+            "top_h=four",
+            "method.top_h (IncreLoRAConfig.top_h): expected an integer or none, got 'four'",
+        ),
+        ("top_h=1.5", "method.top_h (IncreLoRAConfig.top_h): expected an integer or none, got 1.5"),
+        ("alpha=abc", "method.alpha (IncreLoRAConfig.alpha): expected a number, got 'abc'"),
+        ("importance=exact", "method.importance (IncreLoRAConfig.importance): expected one of"),
+        ("top_h=0", "top_h: must be a positive integer"),
+    ],
+)
+def test_method_args_are_checked_before_anything_loads(
+    nothing_loads, tmp_path, capsys, value, expected
+) -> None:
+    import time
+
+    start = time.perf_counter()
+    code = cli.main(["train", "--method-arg", value, "--output-dir", str(tmp_path / "run")])
+    elapsed = time.perf_counter() - start
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err
+    assert err.startswith("increlora: error:") and err.count("\n") == 1, err
+    assert elapsed < 5
+    assert not (tmp_path / "run").exists()
+
+
+def test_method_fields_are_coerced_to_their_types(nothing_loads, tmp_path, capsys) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("method: {name: increlora, top_h: 4.0, alpha: '32', init_warmup: '5'}\n")
+    assert cli.main(["train", "--config", str(config), "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    method = yaml.safe_load(printed)["method"]
+    assert method == {
+        "name": "increlora",
+        "target_rank": 2.0,
+        "top_h": 4,
+        "alpha": 32.0,
+        "init_warmup": 5,
+    }
+    assert type(method["top_h"]) is int and type(method["alpha"]) is float
+    # What the run fills in is shown as comments (the output stays a loadable config).
+    assert "# Filled in when the run starts" in printed and "train.learning_rate: 0.005" in printed
+    config.write_text("method: {name: lora, r: two}\n")
+    assert cli.main(["train", "--config", str(config)]) == 2
+    assert "method.r (LoRAConfig.r): expected an integer, got 'two'" in capsys.readouterr().err
+
+
+def test_unwritable_output_dir_fails_before_loading(
+    tiny_model, nothing_loads, tmp_path, capsys, monkeypatch
+) -> None:
+    args = ["train", "--model", str(tiny_model), "--task", "sst2", "--data-dir", str(GLUE)]
+    afile = tmp_path / "a-file"
+    afile.write_text("not a folder")
+    assert cli.main([*args, "--output-dir", str(afile / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("increlora: error: --output-dir") and "is a file" in err
+    assert err.count("\n") == 1
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.access(locked, os.W_OK):  # root ignores permission bits: refuse as the OS would
+        import tempfile
+
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+        monkeypatch.setattr(Path, "mkdir", lambda *a, **k: refuse())
+    try:
+        assert cli.main([*args, "--output-dir", str(locked / "runs" / "run")]) == 2
+    finally:
+        locked.chmod(0o755)
+    err = capsys.readouterr().err
+    assert "cannot write there (Permission denied)" in err and err.count("\n") == 1
+    assert not (locked / "runs").exists()
+
+
+def test_header_only_train_tsv_names_the_file(tiny_model, tmp_path, capsys) -> None:
+    data = _rte_folder(tmp_path / "glue", 0, header_only=True)
+    args = ["train", "--model", str(tiny_model), "--task", "rte", "--data-dir", str(data)]
+    assert cli.main([*args, "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"{data / 'RTE' / 'train.tsv'}: no examples" in err and err.count("\n") == 1
+
+
+def _strict_records(out: Path) -> list[dict]:
+    def refuse(constant: str):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    lines = (out / "train_log.jsonl").read_text().splitlines()
+    return [json.loads(line, parse_constant=refuse) for line in lines]
+
+
+def test_train_log_is_strict_json_when_the_loss_is_nan(tiny_model, tmp_path, monkeypatch):
+    real = loop.compute_loss
+    calls = {"n": 0}
+
+    def nan_at_step_2(model, batch):
+        calls["n"] += 1
+        loss = real(model, batch)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(loop, "compute_loss", nan_at_step_2)
+    out = tmp_path / "nan"
+    assert cli.main(train_args(tiny_model, out)) == 3
+    diverged = _strict_records(out)[-1]
+    assert diverged["event"] == "diverged"
+    assert diverged["loss"] is None and diverged["loss_nonfinite"] == "nan"
+
+
+def test_stale_checkpoint_writes_are_cleaned_and_a_swapped_out_one_restored(
+    tiny_model, reference, tmp_path
+) -> None:
+    out = tmp_path / "killed"
+    assert cli.main(train_args(tiny_model, out, "--stop-at-step", "5")) == 0
+    # What SIGKILLs mid-save leave: a half-built checkpoint, and one killed between the two
+    # swaps (the complete checkpoint of step 5 parked in .old-*/content, none in place).
+    (out / ".checkpoint.tmp-abcd1234").mkdir()
+    (out / ".checkpoint.tmp-abcd1234" / "trainable.safetensors").write_bytes(b"half")
+    (out / ".increlora_adapter.tmp-zz99yy88").mkdir()
+    (out / ".train_log.jsonl.k3j4h5g6").write_text("partial")
+    parked = out / ".checkpoint.old-qwer1234"
+    parked.mkdir()
+    (out / "checkpoint").rename(parked / "content")
+    assert cli.main(["train", "--resume", "--output-dir", str(out)]) == 0
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert [r["step"] for r in log_records(out) if r["event"] == "resume"] == [5]
+    assert_same_run(reference, out)
+
+
+def test_a_second_sigterm_still_ends_with_the_resume_line(
+    tiny_model, tmp_path, monkeypatch, capsys
+) -> None:
+    class Killed(Exception):
+        pass
+
+    def default_kill(signum, frame):  # what SIG_DFL would do, without ending pytest
+        raise Killed
+
+    previous = signal.signal(signal.SIGTERM, default_kill)
+    try:
+        calls = {"loss": 0, "save": 0}
+        real_loss, real_save = loop.compute_loss, loop.save_training_state
+
+        def first_sigterm_at_step_5(model, batch):
+            calls["loss"] += 1
+            if calls["loss"] == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_loss(model, batch)
+
+        def second_sigterm_while_saving(*args, **kwargs):
+            calls["save"] += 1
+            if calls["loss"] >= 5 and calls["save"] == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_save(*args, **kwargs)
+
+        monkeypatch.setattr(loop, "compute_loss", first_sigterm_at_step_5)
+        monkeypatch.setattr(loop, "save_training_state", second_sigterm_while_saving)
+        out = tmp_path / "twice"
+        assert cli.main(train_args(tiny_model, out)) == 143
+        err = capsys.readouterr().err
+        assert f"continue with `increlora train --resume --output-dir {out}`" in err
+        assert "SIGTERM: stopped at step 5/10" in err
+
+        # A SIGTERM while the run is loading (outside the loop's own handlers).
+        real_load = loop.load_model
+
+        def sigterm_while_loading(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real_load(*args, **kwargs)
+
+        monkeypatch.setattr(loop, "load_model", sigterm_while_loading)
+        assert cli.main(["train", "--resume", "--output-dir", str(out)]) == 143
+        err = capsys.readouterr().err
+        assert f"continue with `increlora train --resume --output-dir {out}`" in err
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_download_messages_print_once(capsys) -> None:
+    from increlora import assets
+
+    assets._announce("fetching x (1 MB)")  # logging not configured: printed directly
+    assert capsys.readouterr().err.count("fetching x") == 1
+    cli._setup_logging()  # the CLI's handler prints increlora's INFO lines
+    assets._announce("extracting y")
+    assert capsys.readouterr().err.count("extracting y") == 1

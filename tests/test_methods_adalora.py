@@ -14,7 +14,14 @@ from increlora.allocation.adalora import budget_at
 from increlora.checkpoint import load_training_state, save_training_state
 from increlora.methods.adalora import AdaLoRAConfig
 
-peft = pytest.importorskip("peft")
+try:
+    import peft
+except ImportError:  # the comparisons with PEFT skip; the checks of our AdaLoRA alone run
+    peft = None
+
+requires_peft = pytest.mark.skipif(
+    peft is None, reason="compares with PEFT's AdaLoRA: pip install increlora[peft]"
+)
 
 CASE = MODEL_CASES["bert"]
 
@@ -60,6 +67,7 @@ def _copy_into_peft(adapted, peft_model) -> None:
             theirs.grad = ours.grad.view_as(theirs).clone()
 
 
+@requires_peft
 @pytest.mark.parametrize(("delta_t", "hold_mask"), [(1, True), (2, False)])
 def test_same_triplets_masked_at_same_steps_as_peft(delta_t, hold_mask):
     total = 12
@@ -99,6 +107,7 @@ def test_same_triplets_masked_at_same_steps_as_peft(delta_t, hold_mask):
     assert sum(adapted.rank_pattern().values()) == 2 * len(adapted.layers)
 
 
+@requires_peft
 def test_budget_schedule_equals_peft():
     layer_count, init_r, target_r = 12, 6, 2
     model = CASE.make()
@@ -141,6 +150,7 @@ def test_masked_lambdas_stay_zero_only_when_held(hold_mask):
     assert bool(masked_nonzero) != hold_mask
 
 
+@requires_peft
 def test_export_drops_masked_triplets_and_excludes_empty_modules(tmp_path):
     model = CASE.make()
     adapted = _ours(model, t_init=1, t_final=1)
@@ -224,3 +234,29 @@ def test_resume_mid_masking_equals_uninterrupted(tmp_path):
     reference = dict(straight.named_trainable_parameters())
     for name, p in resumed.named_trainable_parameters():
         torch.testing.assert_close(p, reference[name], rtol=0, atol=0, msg=name)
+
+
+# The defaults PEFT sets differently, each documented where the field is (AdaLoRAConfig).
+PEFT_DEFAULTS = {"alpha": (16.0, 8), "orth_reg_weight": (0.1, 0.5)}  # field: (ours, PEFT's)
+
+
+def test_defaults_that_differ_from_peft_are_documented():
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(AdaLoRAConfig)}
+    for name, (ours, theirs) in PEFT_DEFAULTS.items():
+        assert fields[name].default == ours, name  # a running benchmark uses these values
+        help_text = fields[name].metadata["help"]
+        assert (
+            "comparability with IncreLoRA" in help_text
+            and f"uses {theirs}" in help_text.replace("lora_alpha=", "")
+        ), name
+        assert f"PEFT: {theirs}" in AdaLoRAConfig.__doc__, name
+
+
+@requires_peft
+def test_documented_peft_defaults_are_peft_s():
+    config = peft.AdaLoraConfig(total_step=100)
+    assert (config.lora_alpha, config.orth_reg_weight) == tuple(
+        theirs for _, theirs in PEFT_DEFAULTS.values()
+    )

@@ -32,6 +32,7 @@ def _setup(importance: str):
     config = IncreLoRAConfig(
         target_modules=["lin0", "lin1"], modules_to_save=["head"], target_rank=3, max_rank=5,
         init_warmup=2, interval=2, top_h=1, alpha=4, importance=importance,
+        score_rows=1.0,  # exact paper score: these tests isolate precision, not sampling
     )  # fmt: skip
     adapted = increlora.inject(model, config)
     optimizer = torch.optim.AdamW(adapted.trainable_parameters(), lr=0.02, weight_decay=0.1)
@@ -148,6 +149,63 @@ def test_the_grad_scaler_is_found_on_an_accelerate_style_optimizer_wrapper():
     wrapper = SimpleNamespace(optimizer=optimizer, scaler=scaler)
     controller = adapted.controller(wrapper, total_steps=STEPS)
     assert controller.grad_scaler is scaler and controller.optimizer is optimizer
+
+
+class _OverflowingGradient(torch.autograd.Function):
+    """Identity forward, inf backward: an fp16 overflow in every gradient (captures too)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.inf
+
+
+def _runner_updates(batches: list[int], overflow: frozenset[int] = frozenset()):
+    """The runner's optimizer update (loop.optimizer_update) on accelerate's fp16 wrapper."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from increlora.runner import loop
+
+    accelerator = Accelerator(cpu=True)  # the state AcceleratedOptimizer reads
+    try:
+        model, adapted, torch_optimizer, controller = _setup("paper")
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1000)
+        optimizer = AcceleratedOptimizer(torch_optimizer, device_placement=False, scaler=scaler)
+        controller.grad_scaler = scaler  # what the runner's controller takes from the wrapper
+        scheduler = torch.optim.lr_scheduler.LambdaLR(torch_optimizer, lambda step: 1.0)
+        for i in batches:
+            loss = model(_batch(i)).float().pow(2).mean()
+            if i in overflow:
+                loss = _OverflowingGradient.apply(loss)
+            scaler.scale(loss + controller.regularization_loss()).backward()
+            loop.optimizer_update(optimizer, controller, scheduler)
+            assert optimizer.step_was_skipped == (i in overflow)
+            optimizer.zero_grad()
+        return adapted, controller, scheduler
+    finally:
+        loop._release(accelerator)
+
+
+def test_runner_update_after_an_overflow_leaves_no_trace():
+    """fp16 + paper importance in the runner: a skipped step must not poison the scores."""
+    batches = list(range(STEPS + 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the allocator's "skipped fp16 step"
+        adapted, controller, scheduler = _runner_updates(batches, overflow=frozenset({3, 5}))
+    plain, reference = _train("paper", batches=[i for i in batches if i not in (3, 5)])
+    assert scheduler.last_epoch == controller.optimizer_steps == STEPS  # skips: no LR step
+    assert torch.isfinite(controller.ema.sensitivity).all()
+    assert _decisions(controller) == _decisions(reference)
+    torch.testing.assert_close(
+        controller.ema.sensitivity, reference.ema.sensitivity, rtol=1e-5, atol=0
+    )
+    expected = dict(plain.named_trainable_parameters())
+    for name, p in adapted.named_trainable_parameters():
+        torch.testing.assert_close(p, expected[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def _gpu_check():

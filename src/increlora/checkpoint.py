@@ -11,6 +11,9 @@ every process and keeps each process's part, sharded like the live ones.
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,7 @@ def save_training_state(
         optimizer_state = _gather(optimizer_state)
     if not is_main_process():  # one writer: processes calling together must not race
         return
+    remove_stale_writes(path)
     with atomic_directory(path) as tmp:
         save_state(tmp, "trainable", weights)
         save_state(tmp, "optimizer", optimizer_state)
@@ -66,6 +70,8 @@ def load_training_state(
 ) -> dict:
     """Restore what :func:`save_training_state` wrote; returns the ``extra`` dict."""
     path = Path(path)
+    if is_main_process():
+        remove_stale_writes(path)
     weights = load_state(path, "trainable")
     params = dict(adapted.named_trainable_parameters())
     if set(weights) != set(params):
@@ -91,6 +97,35 @@ def load_training_state(
     if restore_rng:
         torch.set_rng_state(extra["rng"]["torch"])
     return extra
+
+
+def remove_stale_writes(path: str | Path) -> list[Path]:
+    """Delete what killed writes of ``path`` left beside it; returns what was removed.
+
+    An atomic save (:func:`increlora.io.atomic_directory`, ``atomic_write_*``) builds
+    ``.<name>.tmp-XXXXXXXX`` (or ``.<name>.XXXXXXXX`` for a file) and swaps the previous
+    version out through ``.<name>.old-XXXXXXXX``; a SIGKILL in between leaves them forever.
+    If the kill fell between the two swaps (``path`` missing, the previous version in
+    ``.old-*/content``), that previous, complete version is put back first. Call it from one
+    process, when no save of ``path`` is running.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:tmp-|old-)?[a-z0-9_]{{8}}$")
+    stale = sorted(p for p in path.parent.iterdir() if pattern.match(p.name))
+    if not path.exists():
+        olds = [p for p in stale if p.name.startswith(f".{path.name}.old-")]
+        for old in sorted(olds, key=lambda p: p.stat().st_mtime, reverse=True):
+            if (old / "content").exists():
+                os.replace(old / "content", path)
+                break
+    for entry in stale:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    return stale
 
 
 def _gather(obj: Any) -> Any:

@@ -24,13 +24,14 @@ import yaml
 from .assets import AssetError
 from .config import ConfigError
 from .io import AdapterFileError, atomic_write_json
-from .tasks import GlueFormatError, OfflineFormatError
+from .tasks import CausalFormatError, GlueFormatError, OfflineFormatError
 
 # Errors caused by the user's input: reported as one line, exit code 2, no traceback.
 _INPUT_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
     GlueFormatError,
     OfflineFormatError,
+    CausalFormatError,
     FileNotFoundError,
     AdapterFileError,
     AssetError,
@@ -67,8 +68,13 @@ def _add_field_options(
     section: str | None,
     defaults: dict[str, Any],
     skip: Sequence[str] = (),
+    plain: dict[str, Any] | None = None,
 ) -> None:
-    """One option per dataclass field; help = the field's help + the default job's value."""
+    """One option per dataclass field; help = the field's help + its default(s).
+
+    ``plain`` holds the dataclass defaults, ``defaults`` the default job's values; where they
+    differ the help shows both (the default job's apply only to the default job).
+    """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or "help" not in f.metadata:
@@ -76,7 +82,12 @@ def _add_field_options(
         dest = f"{section}.{f.name}" if section else f.name
         flag = "--" + f.name.replace("_", "-")
         value = defaults.get(f.name)
-        help_text = f"{f.metadata['help']} [YAML {dest}; default job: {value}]"
+        shown = f"default job: {value}"
+        if plain is not None and plain.get(f.name) != value:
+            shown = f"default: {plain.get(f.name)}; default job: {value}"
+        elif plain is not None:
+            shown = f"default: {value}"
+        help_text = f"{f.metadata['help']} [YAML {dest}; {shown}]"
         if hints[f.name] is bool:
             parser.add_argument(
                 flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_text
@@ -120,13 +131,18 @@ def _method_args(pairs: Sequence[str]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------- train
 def _build_run_config(args: argparse.Namespace, base: dict[str, Any] | None = None):
-    from .runner.config import RunConfig, default_run_dict, merge, read_yaml
+    from .runner.config import RunConfig, base_run_dict, merge, read_yaml
 
-    config = base if base is not None else default_run_dict()
-    if args.config is not None:
-        config = merge(config, read_yaml(args.config))
+    user = read_yaml(args.config) if args.config is not None else {}
     overrides = _overrides(args)
-    method = dict(config.get("method") or {})
+    if base is None:
+        # The default job's own settings (train_size ...) only for the default job's data.
+        section = user.get("data")
+        data = merge(section if isinstance(section, dict) else {}, overrides.get("data", {}))
+        base = base_run_dict(data.get("task"), data.get("data_dir"))
+    config = merge(base, user)
+    method = config.get("method") or {}
+    method = {"name": method} if isinstance(method, str) else dict(method)
     method_override = overrides.pop("method", {})
     if "name" in method_override and method_override["name"] != method.get("name"):
         # Another method: the previous method's own fields would not fit it.
@@ -138,10 +154,71 @@ def _build_run_config(args: argparse.Namespace, base: dict[str, Any] | None = No
     return RunConfig.from_dict(config)
 
 
+def _resolved_comments(config: Any) -> str:
+    """What the run fills in when it starts, as YAML comments (the output stays a config)."""
+    from .methods import get_method
+    from .runner.config import METHOD_DEFAULTS, default_learning_rate
+
+    method = config.method
+    lines = ["# Filled in when the run starts (not part of the config):"]
+    lines.append(f"#   output_dir: {config.resolved_output_dir()}")
+    if config.train.learning_rate is None:
+        entry = METHOD_DEFAULTS.get(method.name)
+        source = f" ({entry.source})" if entry is not None else " (the fallback for methods)"
+        lines.append(f"#   train.learning_rate: {default_learning_rate(method.name)}{source}")
+    config_cls = get_method(method.name).config_class
+    left = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(config_cls)
+        if f.name not in method.args and f.name != "target_rank"
+    }
+    if left:
+        values = ", ".join(f"{k}: {v!r}" for k, v in left.items())
+        lines.append(
+            f"#   method fields at their {config_cls.__name__} defaults (None: derived from the"
+            f" model or the run length): {values}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _check_output_dir(out: Path) -> None:
+    """Fail in one line, before anything loads, when the run directory cannot be written.
+
+    Creates the missing folders and a temporary file (what the run will do), then removes
+    what it created: a run that fails later leaves nothing behind.
+    """
+    import tempfile
+
+    missing = []
+    existing = out.absolute()
+    while not existing.exists() and existing.parent != existing:
+        missing.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"--output-dir {out}: {existing} is a file, not a folder; choose another --output-dir"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"--output-dir {out}: cannot write there ({err.strerror or err}); choose a"
+            " writable --output-dir"
+        ) from None
+    finally:
+        for folder in missing:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .io import read_json
     from .runner.loop import run
-    from .runner.outputs import RUN_CONFIG, format_summary
+    from .runner.outputs import METRICS, RUN_CONFIG, format_summary
 
     config = _build_run_config(args)
     saved = config.resolved_output_dir() / RUN_CONFIG
@@ -150,23 +227,98 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = _build_run_config(args, base=read_json(saved))
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        print(_resolved_comments(config), end="")
         return 0
-    result = run(config, resume=args.resume)
+    out = config.resolved_output_dir()
+    if not (args.resume and (out / METRICS).is_file()):  # resuming a finished run writes nothing
+        _check_output_dir(out)
+    with _TermRaises() as term:
+        try:
+            result = run(config, resume=args.resume)
+        except KeyboardInterrupt:
+            # Outside the training loop (loading, finishing) or a signal while stopping.
+            raise _stopped_outside_loop(out, term.received) from None
     if result.metrics is not None:
         print(format_summary(result.metrics, result.output_dir))
     return 0
 
 
+class _TermRaises:
+    """While a run is going on, SIGTERM raises KeyboardInterrupt instead of killing at once.
+
+    The training loop installs its own handlers (stop at the next step with a checkpoint)
+    and puts this one back after; a SIGTERM while loading, finishing, or while an
+    interruption propagates then still ends with the "continue with --resume" line.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> _TermRaises:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+                self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _stopped_outside_loop(out: Path, signum: int | None) -> BaseException:
+    """The TrainingInterrupted for an interruption the loop did not handle itself."""
+    import signal
+
+    from .runner.loop import TrainingInterrupted
+    from .runner.outputs import CHECKPOINT, METRICS, RUN_CONFIG
+
+    name = signal.Signals(signum).name if signum is not None else "KeyboardInterrupt"
+    command = f"increlora train --resume --output-dir {out}"
+    if (out / METRICS).is_file():
+        state = f"the run had finished ({out / METRICS})"
+    elif (out / CHECKPOINT).is_dir():
+        state = f"the checkpoint in {out / CHECKPOINT} is kept; continue with `{command}`"
+    elif (out / RUN_CONFIG).is_file():
+        state = f"no checkpoint was written yet; start it again with `{command}`"
+    else:
+        state = "stopped before the run started; nothing was written"
+    return TrainingInterrupted(f"{name}: {state}", signum or signal.SIGINT)
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from .runner.config import DataConfig, MethodSpec, RunConfig, TrainConfig, default_run_dict
 
+    defaults = default_run_dict()
+    plain = RunConfig().to_dict()
+    differ = [
+        (section, name)
+        for section in ("data", "train")
+        for name in defaults[section]
+        if defaults[section][name] != plain[section][name]
+    ]
+    own = [f"{name} {defaults[section][name]}" for section, name in differ]
+    general = [f"{name} {plain[section][name]}" for section, name in differ]
     parser = sub.add_parser(
         "train",
         help="fine-tune a model on a task (no arguments: the built-in default job)",
         description="Fine-tune a model on a task. Without options this runs the built-in"
         " default job (configs/default.yaml): MiniLM on Rotten Tomatoes (mr) with IncreLoRA"
         " at average rank 2 (2,000 examples, 189 steps: about 5.5 minutes on 2 CPU cores)."
-        " Options override --config.",
+        " Options override --config. The default job's own settings"
+        f" ({', '.join(own)}) apply only to its task ({defaults['data']['task']}) read from"
+        " the built-in source; another --task, or any --data-dir, starts from the plain"
+        f" defaults ({', '.join(general)}: all of the task's training data unless"
+        " --train-size says otherwise, evaluation every epoch).",
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument(
@@ -180,16 +332,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         default=False,
         help="continue the run in --output-dir from its checkpoint (its saved configuration"
-        " is used; options may only change stop_at_step)",
+        " is used; options may only change stop_at_step and report_to)",
     )
     parser.add_argument(
         "--print-config",
         action="store_true",
         default=False,
-        help="print the resolved configuration as YAML and exit",
+        help="print the resolved configuration as YAML (method fields checked, defaults"
+        " the run fills in as comments) and exit without loading the model or data",
     )
-    defaults = default_run_dict()
-    _add_field_options(parser, RunConfig, None, defaults, skip=("data", "method", "train"))
+    _add_field_options(
+        parser, RunConfig, None, defaults, skip=("data", "method", "train"), plain=plain
+    )
     run_group = parser.add_argument_group("method")
     run_group.add_argument(
         "--method",
@@ -197,7 +351,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help=MethodSpec.__dataclass_fields__["name"].metadata["help"],
     )
-    _add_field_options(run_group, MethodSpec, "method", defaults["method"], skip=("name", "args"))
+    _add_field_options(
+        run_group,
+        MethodSpec,
+        "method",
+        defaults["method"],
+        skip=("name", "args"),
+        plain=plain["method"],
+    )
     run_group.add_argument(
         "--method-arg",
         dest="method_arg",
@@ -207,9 +368,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="a field of the method's config (repeatable), e.g. --method-arg top_h=4"
         " --method-arg 'target_modules=[query, value]'",
     )
-    _add_field_options(parser.add_argument_group("data"), DataConfig, "data", defaults["data"])
     _add_field_options(
-        parser.add_argument_group("training"), TrainConfig, "train", defaults["train"]
+        parser.add_argument_group("data"), DataConfig, "data", defaults["data"], plain=plain["data"]
+    )
+    _add_field_options(
+        parser.add_argument_group("training"),
+        TrainConfig,
+        "train",
+        defaults["train"],
+        plain=plain["train"],
     )
     parser.add_argument(
         "--lr",
@@ -240,6 +407,8 @@ def _eval_settings(args: argparse.Namespace):
             "max_length": data.get("max_length"),
             "eval_size": data.get("eval_size"),
             "split_seed": data.get("split_seed"),
+            "validation_size": data.get("validation_size"),
+            "max_new_tokens": data.get("max_new_tokens"),
         }
     for key in ("model", "task", "data_dir", "max_length", "eval_size", "split_seed", "batch_size"):
         if getattr(args, key, None) is not None:
@@ -329,8 +498,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .runner.report import write_report
+    from .runner.report import save_summaries, write_report
 
+    if args.save_summaries:
+        count = save_summaries(args.directory, args.save_summaries)
+        print(f"increlora: copied the summaries of {count} runs to {args.save_summaries}")
     path = write_report(args.directory, args.output)
     print(Path(path).read_text(encoding="utf-8"))
     return 0
@@ -350,10 +522,19 @@ def _add_bench_report(sub: argparse._SubParsersAction) -> None:
 
     parser = sub.add_parser(
         "report",
-        help="markdown table (mean +- std over seeds) and plots of a bench directory",
+        help="the benchmark report of a bench directory: tables, lr choice, paired diffs, plots",
+        description="Tables per task and size (validation and test, mean +- std over seeds),"
+        " the learning rate chosen on validation, paired per-seed differences of IncreLoRA vs"
+        " LoRA and AdaLoRA, and plots. A directory of several benches gets a section each.",
     )
-    parser.add_argument("directory", help="bench directory (holds run directories)")
+    parser.add_argument("directory", help="bench directory, or a folder of them (e.g. results/)")
     parser.add_argument("--output", help="markdown file (default: DIRECTORY/report.md)")
+    parser.add_argument(
+        "--save-summaries",
+        metavar="DEST",
+        help="first copy each finished run's metrics.json and run_config.json (no weights)"
+        " to DEST, keeping the relative paths (e.g. results/<bench>)",
+    )
     parser.set_defaults(func=cmd_report)
 
 

@@ -21,6 +21,15 @@ Choices where the paper or the reference code leave room (each a config field):
 * ``hold_mask``: masked lambdas stay zero between masking steps (PEFT: only at them).
 * Scaling ``alpha / r0`` without PEFT's ``+ 1e-5`` in the denominator.
 
+Defaults that deviate from PEFT's ``AdaLoraConfig`` (kept for comparability with IncreLoRA,
+whose config has the same defaults, so the two methods compare at equal scaling and
+regularization; set the PEFT value to reproduce PEFT):
+
+* ``alpha`` 16 (kept for comparability with IncreLoRA; PEFT uses ``lora_alpha=8``).
+* ``orth_reg_weight`` 0.1 (kept for comparability with IncreLoRA; PEFT uses 0.5).
+* ``t_init`` / ``t_final`` None = 10% / 50% of training (PEFT uses ``tinit=0``,
+  ``tfinal=0``, which leave no warm-up before masking and no final phase).
+
 Compared with PEFT (checked in tests/test_methods_adalora.py): given the same weights and
 gradients, the same triplets are masked at the same steps. Differences: ``total_steps`` comes
 from ``adapted.controller(optimizer, total_steps)`` instead of the config; an optimizer step
@@ -53,8 +62,18 @@ FINAL_FRACTION = 0.5
 
 @dataclass
 class AdaLoRAConfig(AdapterConfig):
-    """AdaLoRA: ``init_rank`` triplets per module, masked down to ``target_rank`` on average."""
+    """AdaLoRA: ``init_rank`` triplets per module, masked down to ``target_rank`` on average.
 
+    Defaults that differ from PEFT's ``AdaLoraConfig``: ``alpha`` 16 (PEFT: 8) and
+    ``orth_reg_weight`` 0.1 (PEFT: 0.5), kept for comparability with IncreLoRA (same
+    defaults); ``t_init`` / ``t_final`` 10% / 50% of training (PEFT: 0 / 0).
+    """
+
+    alpha: float = option(
+        16.0,
+        "Scaling numerator (LoRA's alpha). 16: kept for comparability with IncreLoRA; PEFT uses"
+        " lora_alpha=8.",
+    )
     target_rank: float = option(
         8.0, "Final budget: average number of unmasked triplets per module (PEFT's target_r)."
     )
@@ -72,7 +91,11 @@ class AdaLoRAConfig(AdapterConfig):
     delta_t: int = option(1, "Optimizer steps between two maskings (deltaT).")
     beta1: float = option(0.85, "EMA coefficient of the sensitivity.")
     beta2: float = option(0.85, "EMA coefficient of the uncertainty.")
-    orth_reg_weight: float = option(0.1, "Weight gamma of the orthogonal regularizer.")
+    orth_reg_weight: float = option(
+        0.1,
+        "Weight gamma of the orthogonal regularizer. 0.1: kept for comparability with"
+        " IncreLoRA; PEFT uses 0.5.",
+    )
     hold_mask: bool = option(
         True,
         "Keep masked lambdas at zero between masking steps. False: PEFT / official code, where"

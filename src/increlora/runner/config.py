@@ -17,6 +17,7 @@ total number of steps.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass
 from importlib import resources
@@ -28,13 +29,19 @@ import yaml
 from ..config import ConfigError, option, require
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+"""Live trackers ``train.report_to`` accepts (accelerate's tracker names)."""
 
 
 @dataclass
 class DataConfig:
     """Which task, from where, how much of it, and how it is tokenized."""
 
-    task: str = option("mr", "Task name: GLUE (sst2, rte, stsb, ...) or offline (mr, vitaminc).")
+    task: str = option(
+        "mr",
+        "Task name: GLUE (sst2, rte, stsb, ...), offline (mr, vitaminc), or causal-LM"
+        " prompt -> response (qasc, winogrande, jsonl; docs/decoders.md).",
+    )
     data_dir: str | None = option(
         None,
         "Folder with the task's files (GLUE TSV layout, or the offline task's source file);"
@@ -49,10 +56,22 @@ class DataConfig:
     split_seed: int = option(
         0, "Seed of the held-out split of offline tasks and of eval subsets (not the run seed)."
     )
+    validation_size: int | None = option(
+        None,
+        "Hold this many examples out of train (seeded by split_seed, the same for every run"
+        " seed and train_size) as the 'validation' split that picks the best checkpoint; the"
+        " task's own eval splits are then reported as 'test' (the benchmark protocol,"
+        " docs/benchmark.md). None: select and report on the task's eval split.",
+    )
     max_length: int = option(128, "Maximum tokens per example (longer inputs are truncated).")
+    max_new_tokens: int | None = option(
+        None,
+        "Causal-LM tasks: greedy-decoding length of the evaluation; None: the task's default"
+        " (qasc 32, winogrande 8, jsonl 64).",
+    )
 
     def __post_init__(self) -> None:
-        for name in ("train_size", "eval_size"):
+        for name in ("train_size", "eval_size", "validation_size", "max_new_tokens"):
             value = getattr(self, name)
             require(value is None or value >= 1, name, f"must be >= 1, got {value}")
         require(self.max_length >= 8, "max_length", f"must be >= 8, got {self.max_length}")
@@ -95,9 +114,32 @@ class TrainConfig:
         " false: export the final one.",
     )
     seed: int = option(0, "Seed of everything random in the run (head init, data order, dropout).")
+    report_to: list[str] = option(
+        [],
+        "Live tracking through accelerate's trackers: tensorboard (events in"
+        " <output_dir>/tensorboard), wandb, mlflow, comma-separated; each must be installed."
+        " Logs loss, learning rate, total rank, trainable parameters, eval metrics and the"
+        " rank heatmap (an image at every evaluation). Empty: train_log.jsonl only.",
+    )
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        if self.report_to is None:
+            self.report_to = []
+        elif isinstance(self.report_to, str):  # the command line / YAML: "tensorboard,wandb"
+            self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
+        require(
+            isinstance(self.report_to, list | tuple),
+            "report_to",
+            f"expected tracker names, got {self.report_to!r}",
+        )
+        unknown = [name for name in self.report_to if name not in TRACKERS]
+        require(
+            not unknown,
+            "report_to",
+            f"unknown tracker(s) {unknown}; choose from {', '.join(TRACKERS)}",
+        )
+        self.report_to = list(dict.fromkeys(self.report_to))
         for name in (
             "max_steps",
             "stop_at_step",
@@ -143,6 +185,13 @@ class MethodSpec:
         " parameterization get the same trainable-parameter budget. None: the method's own.",
     )
     args: dict[str, Any] = option({}, "Fields of the method's config class, e.g. top_h: 4.")
+    budget: Literal["rank", "params"] = option(
+        "rank",
+        "'rank': methods with a target_rank field (IncreLoRA, AdaLoRA) take the average rank as"
+        " is; 'params': a method with a target_params field (IncreLoRA) is budgeted in"
+        " trainable parameters, those of LoRA at target_rank (matched budgets in benchmarks:"
+        " a rank budget lets the size drift with which modules win rank).",
+    )
 
     def __post_init__(self) -> None:
         require(
@@ -150,10 +199,17 @@ class MethodSpec:
             "method.target_rank",
             f"must be positive or None, got {self.target_rank}",
         )
+        require(
+            self.budget in ("rank", "params"),
+            "method.budget",
+            f"must be 'rank' or 'params', got {self.budget!r}",
+        )
+        self.args = check_method_args(self.name, self.target_rank, self.args)
 
     def to_dict(self) -> dict[str, Any]:
-        """The flat YAML form ``{name, target_rank, **args}``."""
-        return {"name": self.name, "target_rank": self.target_rank, **self.args}
+        """The flat YAML form ``{name, target_rank, [budget], **args}``."""
+        budget = {"budget": self.budget} if self.budget != "rank" else {}
+        return {"name": self.name, "target_rank": self.target_rank, **budget, **self.args}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | str) -> MethodSpec:
@@ -163,6 +219,7 @@ class MethodSpec:
             raise ConfigError(f"method: expected a mapping or a name, got {data!r}")
         rest = dict(data)
         name = rest.pop("name", cls.name)
+        budget = str(rest.pop("budget", "rank"))
         target_rank = rest.pop("target_rank", MethodSpec.target_rank)
         if isinstance(target_rank, int | str) and not isinstance(target_rank, bool):
             try:
@@ -171,7 +228,7 @@ class MethodSpec:
                 raise ConfigError(
                     f"method.target_rank: expected a number, got {target_rank!r}"
                 ) from None
-        return cls(name=str(name), target_rank=target_rank, args=rest)
+        return cls(name=str(name), target_rank=target_rank, args=rest, budget=budget)
 
 
 @dataclass
@@ -256,6 +313,136 @@ def _coerce(section_cls: type, name: str, value: Any) -> Any:
     return value
 
 
+def check_method_args(
+    method: str, target_rank: float | None, args: dict[str, Any]
+) -> dict[str, Any]:
+    """``args`` checked against the method's config class, each value coerced to its type.
+
+    Runs when the run config is built, before any model or data loads: an unknown method or
+    field, a value of the wrong type (``top_h: four``, ``top_h: 1.5``) or a value the config
+    class refuses is a one-line ConfigError naming the field. Integral floats become ints
+    (``top_h: 4.0`` -> 4), numbers in strings (YAML's ``1e-3``) become numbers.
+    """
+    from ..methods import get_method  # lazily: the registry imports torch and every method
+
+    if not isinstance(args, dict):
+        raise ConfigError(f"method: expected a mapping of fields, got {args!r}")
+    method_cls = get_method(method)
+    config_cls = method_cls.config_class
+    hints = typing.get_type_hints(config_cls)
+    valid = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(args) - valid)
+    if unknown:
+        raise ConfigError(
+            f"method {method!r}: unknown field(s) {unknown} of {config_cls.__name__}; valid"
+            f" fields are {sorted(valid)}"
+        )
+    checked = {}
+    for key, value in args.items():
+        if typing.get_origin(hints[key]) is list and isinstance(value, str):
+            value = [value]  # the config classes take one name for a list of names
+        checked[key] = _typed(hints[key], value, f"method.{key} ({config_cls.__name__}.{key})")
+    # Build the config the runner will build (without the model-dependent fields) so a value
+    # the class refuses fails now. Methods sized by parameter count (match_budget) get their
+    # size from the model, so their size-dependent checks wait for it.
+    trial = dict(checked)
+    sized_by_budget = target_rank is not None and "target_rank" not in valid
+    if sized_by_budget and getattr(method_cls, "size_field", None) is not None:
+        return checked
+    if target_rank is not None and "target_rank" in valid and trial.get("target_params") is None:
+        trial["target_rank"] = target_rank
+    try:
+        config_cls.from_dict(trial)
+    except ConfigError as err:
+        raise ConfigError(f"method {method!r}: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"method {method!r}: {config_cls.__name__}: {err}") from None
+    return checked
+
+
+def _describe(hint: Any) -> str:
+    """``int | None`` -> 'an integer or none' (for error messages)."""
+    if hint is type(None):
+        return "none"
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(hint))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(m) for m in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return f"a list of {_describe(item).removeprefix('a ').removeprefix('an ')}s"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _typed(hint: Any, value: Any, where: str) -> Any:
+    """``value`` as type ``hint``, or a ConfigError saying what ``where`` expects."""
+    origin = typing.get_origin(hint)
+
+    def fail() -> ConfigError:
+        return ConfigError(f"{where}: expected {_describe(hint)}, got {value!r}")
+
+    if hint is Any:
+        return value
+    if origin is Literal:
+        if value in typing.get_args(hint) and not isinstance(value, bool):
+            return value
+        raise fail()
+    if origin in (typing.Union, types.UnionType):
+        members = typing.get_args(hint)
+        if value is None:
+            if type(None) in members:
+                return None
+            raise fail()
+        for member in members:
+            if member is type(None):
+                continue
+            try:
+                return _typed(member, value, where)
+            except ConfigError:
+                continue
+        raise fail()
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail()
+    if hint is int:
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                raise fail() from None
+        if isinstance(number, int) and not isinstance(number, bool):
+            return number
+        if isinstance(number, float) and number.is_integer():
+            return int(number)
+        raise fail()
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise fail() from None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise fail()
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise fail()
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        if isinstance(value, list | tuple):
+            return [_typed(item, v, where) for v in value]
+        raise fail()
+    if origin is dict or hint is dict:
+        if isinstance(value, dict):
+            return value
+        raise fail()
+    return value  # any other type: the config class checks it
+
+
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """Nested dict update: sections merge key by key, other values replace."""
     out = dict(base)
@@ -300,6 +487,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def default_run_dict() -> dict[str, Any]:
     """The built-in default job (``configs/default.yaml``) in nested dict form."""
     return merge(RunConfig().to_dict(), read_yaml("default"))
+
+
+def is_default_job(task: str | None, data_dir: str | None) -> bool:
+    """Whether a run is the default job: its task (None: not set) from the built-in source.
+
+    Only then do the default job's own settings (``train_size``, ``max_length``,
+    ``eval_every`` of ``configs/default.yaml``) apply; a user's task or data folder starts
+    from the dataclass defaults (all training data, every epoch evaluated).
+    """
+    demo_task = (read_yaml("default").get("data") or {}).get("task", DataConfig.task)
+    return (task is None or task == demo_task) and data_dir is None
+
+
+def base_run_dict(task: str | None, data_dir: str | None) -> dict[str, Any]:
+    """What a run's YAML and options are merged onto (see :func:`is_default_job`)."""
+    return default_run_dict() if is_default_job(task, data_dir) else RunConfig().to_dict()
 
 
 @dataclass(frozen=True)

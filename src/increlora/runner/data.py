@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import ConfigError
-from ..tasks import Example, TaskData, TaskSpec, load_task
+from ..tasks import Example, TaskData, TaskSpec, is_causal, load_task
 
 
 class DataError(ValueError):
@@ -56,6 +56,8 @@ def load_checked(task: str, data_dir: str | None, **kwargs: Any) -> TaskData:
         raise ConfigError(
             f"data: {err} (set data.train_size / --train-size lower, or to none for all)"
         ) from None
+    if is_causal(data.task):  # prompt -> response: checked when read (tasks/causal_lm.py)
+        return data
     check_labels(data.task, "train", data.train)
     for split, examples in data.evals.items():
         check_labels(data.task, split, examples)

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..adapter import CONFIG_FILE, load_adapter
-from ..tasks import TaskSpec, compute_metrics
+from ..tasks import TaskSpec, compute_metrics, is_causal
 from .data import TokenizedDataset, eval_loader, load_checked
 from .model import load_model, max_tokens
 
@@ -55,7 +55,9 @@ class EvalSettings:
     max_length: int = 128
     eval_size: int | None = None
     split_seed: int = 0
+    validation_size: int | None = None
     batch_size: int = 64
+    max_new_tokens: int | None = None  # causal-LM tasks; None: the task's default
 
 
 def evaluate_adapter(adapter_dir: str | Path, settings: EvalSettings) -> dict[str, Any]:
@@ -72,21 +74,38 @@ def evaluate_adapter(adapter_dir: str | Path, settings: EvalSettings) -> dict[st
         settings.data_dir,
         eval_size=settings.eval_size,
         split_seed=settings.split_seed,
+        validation_size=settings.validation_size,
     )
     loaded = load_model(settings.model, data.task)
     if (adapter_dir / CONFIG_FILE).is_file():
         load_adapter(loaded.model, adapter_dir)
         model, kind = loaded.model, "increlora"
     elif (adapter_dir / "adapter_config.json").is_file():
-        from peft import PeftModel
+        from ..methods.peft_reference import load_peft_adapter
 
-        model, kind = PeftModel.from_pretrained(loaded.model, str(adapter_dir)), "peft"
+        model, kind = load_peft_adapter(loaded.model, adapter_dir), "peft"
     else:
         raise FileNotFoundError(
             f"{adapter_dir}: no adapter_config.json (PEFT) or {CONFIG_FILE} (increlora) here"
         )
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     max_length = max_tokens(loaded, settings.max_length)
+    if is_causal(data.task):  # loss / perplexity and greedy exact match / F1
+        from .generation import GenerationEvaluator
+
+        evaluator = GenerationEvaluator(
+            data.task,
+            data.evals,
+            loaded.tokenizer,
+            max_length,
+            settings.max_new_tokens or data.task.max_new_tokens,
+        )
+        loaders = {
+            split: accelerator.prepare(loader)
+            for split, loader in evaluator.loaders(settings.batch_size).items()
+        }
+        metrics = evaluator.evaluate(accelerator.prepare(model), loaders, accelerator, step=0)
+        return _result(adapter_dir, kind, settings, data, metrics)
     loaders = {}
     for split, examples in data.evals.items():
         dataset = TokenizedDataset(data.task, examples, loaded.tokenizer, max_length)
@@ -95,6 +114,12 @@ def evaluate_adapter(adapter_dir: str | Path, settings: EvalSettings) -> dict[st
         )
     model = accelerator.prepare(model)
     metrics = evaluate(model, loaders, data.task, accelerator)
+    return _result(adapter_dir, kind, settings, data, metrics)
+
+
+def _result(
+    adapter_dir: Path, kind: str, settings: EvalSettings, data: Any, metrics: Metrics
+) -> dict[str, Any]:
     return {
         "adapter": str(adapter_dir),
         "adapter_format": kind,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..adapter import CONFIG_FILE, load_adapter
 from ..config import ConfigError
-from ..tasks import get_task
+from ..tasks import get_task, is_causal
 from .evaluate import EvalSettings
 from .model import load_model
 
@@ -18,8 +18,8 @@ def export_adapter(
 
     A merged model is the base with every update folded into its weights and the trained
     head in place, saved with ``save_pretrained`` together with its tokenizer: it loads with
-    ``AutoModelForSequenceClassification.from_pretrained`` and needs neither increlora nor
-    peft.
+    ``AutoModelForSequenceClassification.from_pretrained`` (causal-LM tasks:
+    ``AutoModelForCausalLM``) and needs neither increlora nor peft.
     """
     adapter_dir, output = Path(adapter_dir), Path(output)
     try:
@@ -32,7 +32,9 @@ def export_adapter(
         if not own:
             raise ConfigError(f"{adapter_dir}: --format peft converts increlora adapters only")
         load_adapter(loaded.model, adapter_dir).export_peft(
-            output, base_model_name_or_path=loaded.resolved.path, task_type="SEQ_CLS"
+            output,
+            base_model_name_or_path=loaded.resolved.path,
+            task_type="CAUSAL_LM" if is_causal(task) else "SEQ_CLS",
         )
         return output
     if own:

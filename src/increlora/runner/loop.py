@@ -21,16 +21,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_training_state, save_training_state
+from ..checkpoint import load_training_state, remove_stale_writes, save_training_state
 from ..export import EmptyAdapterError
 from ..io import atomic_write_json, read_json
 from ..methods import get_method
+from ..tasks import is_causal
 from . import outputs as O
 from .config import RunConfig, default_learning_rate
 from .data import TokenizedDataset, eval_loader, load_checked, train_loader
 from .evaluate import evaluate, main_metric
 from .model import adapt, load_model, max_tokens
-from .plots import plot_allocation, plot_ranks
+from .tracking import Tracking, accelerator_kwargs
 
 logger = logging.getLogger("increlora.runner")
 
@@ -69,19 +70,49 @@ def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
     return model(**batch).loss
 
 
+def optimizer_update(optimizer: Any, controller: Any, scheduler: Any) -> dict | None:
+    """``optimizer.step()``, the controller, the LR scheduler; returns the controller's event.
+
+    ``optimizer`` is accelerate's wrapper: under fp16 its GradScaler skips a step whose
+    gradients overflowed (``step_was_skipped``). The scheduler then does not step. A controller
+    that takes the grad scaler (IncreLoRA's allocator) is called on that step too: the call is
+    a no-op that drops what the overflowed backward captured (the paper score's gradient,
+    inf/NaN then), which would otherwise poison the importance EMA for good. Controllers
+    without one capture nothing between steps, and their step guard would take a skip one
+    good step after another for a per-micro-batch call: they see only real steps.
+    """
+    optimizer.step()
+    skipped = bool(getattr(optimizer, "step_was_skipped", False))
+    event = None
+    if not skipped or getattr(controller, "grad_scaler", None) is not None:
+        event = controller.step()
+    if not skipped:
+        scheduler.step()
+    return event
+
+
 class _Signals:
     """SIGINT/SIGTERM set ``received``; the loop stops at the next step boundary.
 
     A second signal raises KeyboardInterrupt at once (the loop still saves the last
-    boundary's state when the interruption did not land inside an optimizer update).
+    boundary's state when the interruption did not land inside an optimizer update); it is
+    kept in ``again`` so the run reports it (SIGTERM: exit code 143). Signals that arrive
+    while that interruption is being saved (``stopping``) are reported and otherwise ignored,
+    so the run always ends with its "continue with --resume" line.
     """
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.again: int | None = None
+        self.stopping = False
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.stopping:
+            O.say(f"{signal.Signals(signum).name} received: already stopping, saving first")
+            return
         if self.received is not None:
+            self.again = signum
             raise KeyboardInterrupt
         self.received = signum
         O.say(
@@ -118,8 +149,10 @@ class Trainer:
             gradient_accumulation_steps=train.gradient_accumulation_steps,
             # Without a GPU, several processes (torchrun) must be told to use gloo on CPU.
             cpu=not torch.cuda.is_available(),
+            **accelerator_kwargs(train.report_to, self.out),  # live trackers (report_to)
         )
         self.main = self.accelerator.is_main_process
+        self.tracking = Tracking(self.accelerator, train.report_to)
         self.log = O.RunLog(self.out / O.TRAIN_LOG, enabled=self.main)
         # Progress counters, all restored from a checkpoint on resume.
         self.step = 0
@@ -152,24 +185,42 @@ class Trainer:
             train_size=data_cfg.train_size,
             eval_size=data_cfg.eval_size,
             split_seed=data_cfg.split_seed,
+            validation_size=data_cfg.validation_size,
         )
         task = self.data.task
         self.loaded = load_model(cfg.model, task)
         self.adapted = adapt(cfg.method, self.loaded, cfg.train.seed)
         tokenizer = self.loaded.tokenizer
         max_length = max_tokens(self.loaded, data_cfg.max_length)
-        train_set = TokenizedDataset(task, self.data.train, tokenizer, max_length)
-        loader, self.sampler = train_loader(
-            train_set, tokenizer, cfg.train.batch_size, cfg.train.seed
-        )
-        evals = {
-            split: eval_loader(
-                TokenizedDataset(task, examples, tokenizer, max_length),
-                tokenizer,
-                cfg.train.eval_batch_size,
+        self.generation = None
+        if is_causal(task):  # prompt -> response: response-only loss, generation eval
+            from .generation import CausalLMDataset, GenerationEvaluator, causal_train_loader
+
+            train_set = CausalLMDataset(self.data.train, tokenizer, max_length)
+            loader, self.sampler = causal_train_loader(
+                train_set, tokenizer.pad_token_id, cfg.train.batch_size, cfg.train.seed
             )
-            for split, examples in self.data.evals.items()
-        }
+            self.generation = GenerationEvaluator(
+                task,
+                self.data.evals,
+                tokenizer,
+                max_length,
+                data_cfg.max_new_tokens or task.max_new_tokens,
+            )
+            evals = self.generation.loaders(cfg.train.eval_batch_size)
+        else:
+            train_set = TokenizedDataset(task, self.data.train, tokenizer, max_length)
+            loader, self.sampler = train_loader(
+                train_set, tokenizer, cfg.train.batch_size, cfg.train.seed
+            )
+            evals = {
+                split: eval_loader(
+                    TokenizedDataset(task, examples, tokenizer, max_length),
+                    tokenizer,
+                    cfg.train.eval_batch_size,
+                )
+                for split, examples in self.data.evals.items()
+            }
         self.learning_rate = cfg.train.learning_rate or default_learning_rate(cfg.method.name)
         torch_optimizer = torch.optim.AdamW(
             self.adapted.trainable_parameters(),
@@ -194,6 +245,11 @@ class Trainer:
     def restore(self) -> None:
         """Continue from ``checkpoint/`` (resume), or start the log of a fresh run."""
         checkpoint = self.out / O.CHECKPOINT
+        if self.main:  # what saves killed mid-write (SIGKILL) left; puts a swapped-out one back
+            written = (O.CHECKPOINT, O.OWN_ADAPTER, O.PEFT_ADAPTER, O.TRAIN_LOG, O.RUN_CONFIG)
+            for name in (*written, O.METRICS):
+                remove_stale_writes(self.out / name)
+        self.accelerator.wait_for_everyone()
         if self.resume and checkpoint.is_dir():
             extra = load_training_state(
                 checkpoint, self.adapted, self.optimizer, self.controller, self.scheduler
@@ -241,7 +297,8 @@ class Trainer:
             try:
                 stopped = self._loop(signals)
             except KeyboardInterrupt:
-                self._interrupted(None)
+                signals.stopping = True
+                self._interrupted(signals.again)
         if stopped:
             return RunResult(self.out, "stopped")
         return self.finish()
@@ -284,11 +341,7 @@ class Trainer:
                             acc.clip_grad_norm_(
                                 self.adapted.trainable_parameters(), cfg.max_grad_norm
                             )
-                        self.optimizer.step()
-                        event = None
-                        if not acc.optimizer_step_was_skipped:  # fp16 overflow: nothing happened
-                            event = self.controller.step()
-                            self.scheduler.step()
+                        event = optimizer_update(self.optimizer, self.controller, self.scheduler)
                         self.optimizer.zero_grad()
                     end_of_epoch = consumed == len(self.train_loader)
                     self.epoch, self.batch_in_epoch = (
@@ -325,6 +378,11 @@ class Trainer:
         """The growth event of this step, and every ``log_every`` steps a train record."""
         if event is not None:
             self.log.write({"event": "growth", **event})
+            self.tracking.growth(
+                self.step,
+                sum(self.adapted.rank_pattern().values()),
+                self.adapted.num_trainable_parameters(),
+            )
         if self.step % self.config.train.log_every and self.step != self.total_steps:
             return
         window = self.loss_window
@@ -342,6 +400,7 @@ class Trainer:
         }
         window.clear()
         self.log.write(record)
+        self.tracking.train(record)
         progress.set_postfix(
             loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", rank=total_rank
         )
@@ -394,7 +453,12 @@ class Trainer:
         """Evaluate, export the adapter if it is the best so far, checkpoint."""
         self.busy = "evaluation and saving"
         task = self.data.task
-        metrics = evaluate(self.model, self.eval_loaders, task, self.accelerator)
+        if self.generation is not None:
+            metrics = self.generation.evaluate(
+                self.model, self.eval_loaders, self.accelerator, self.step
+            )
+        else:
+            metrics = evaluate(self.model, self.eval_loaders, task, self.accelerator)
         value = main_metric(task, metrics)
         improved = self.best is None or value > self.best["value"]
         if improved:
@@ -408,6 +472,12 @@ class Trainer:
                 "main": value,
                 "best": improved,
             }
+        )
+        self.tracking.evaluation(self.step, metrics, value)
+        self.tracking.ranks(
+            self.adapted.rank_pattern(),
+            self.step,
+            f"Rank per module at step {self.step}/{self.total_steps} ({self.config.method.name})",
         )
         self._say(
             f"step {self.step}/{self.total_steps}: {task.main_metric} {value:.4f}"
@@ -423,11 +493,15 @@ class Trainer:
         """Write ``increlora_adapter/`` and the PEFT ``adapter/`` of the current model."""
         if self.main:
             self.adapted.save(self.out / O.OWN_ADAPTER)
+            if self.generation is not None:  # the generations of the exported adapter
+                from .generation import SAMPLES, write_samples
+
+                write_samples(self.out / SAMPLES, self.generation.samples)
             try:
                 self.adapted.export_peft(
                     self.out / O.PEFT_ADAPTER,
                     base_model_name_or_path=self.loaded.resolved.path,
-                    task_type="SEQ_CLS",
+                    task_type="CAUSAL_LM" if self.generation is not None else "SEQ_CLS",
                 )
             except (NotImplementedError, EmptyAdapterError) as err:
                 self.peft_error = str(err)
@@ -526,6 +600,8 @@ class Trainer:
         ranks = metrics["ranks"]
         if not ranks:
             return
+        from .plots import plot_allocation, plot_ranks  # matplotlib: only when plotting
+
         what = f"{self.config.method.name}, {Path(self.config.model).name}, {self.data.task.name}"
         plot_ranks(
             ranks,
@@ -585,8 +661,10 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
         if trainer.main:  # claimed only once the run set up: a typo must not lock the directory
             O.write_run_config(out, config.to_dict())
         trainer.restore()
+        trainer.tracking.start(config.to_dict(), trainer.step)
         return trainer.train()
     finally:
+        trainer.tracking.end()
         _release(trainer.accelerator)
 
 

@@ -16,7 +16,7 @@ from ..assets import MODEL_ALIASES, ResolvedModel, resolve_model
 from ..config import AdapterConfig
 from ..methods import get_method
 from ..methods.full import FullConfig
-from ..tasks import TaskSpec
+from ..tasks import TaskSpec, is_causal
 from .config import MethodSpec
 
 logger = logging.getLogger("increlora.runner")
@@ -50,6 +50,8 @@ def load_model(name: str, task: TaskSpec) -> LoadedModel:
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+    if is_causal(task):  # prompt -> response tasks: the language-model head as it is
+        return load_causal_lm(name)
     try:
         resolved = resolve_model(name)
     except FileNotFoundError as err:
@@ -81,6 +83,52 @@ def load_model(name: str, task: TaskSpec) -> LoadedModel:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(model, tokenizer, resolved, _trained_modules(model, info))
+
+
+def load_causal_lm(name: str) -> LoadedModel:
+    """Load ``name`` with ``AutoModelForCausalLM`` (its own LM head) and its tokenizer.
+
+    Nothing trains in full (``trained_modules`` holds only modules the checkpoint lacked,
+    never a tied LM head). A tokenizer without a pad token pads with its EOS token; the
+    generation config gets the pad and EOS ids so greedy decoding stops at EOS.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        resolved = resolve_model(name)
+    except FileNotFoundError as err:
+        raise ModelLoadError(str(err)) from err
+    kwargs = resolved.pretrained_kwargs()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            resolved.path, output_loading_info=True, **kwargs
+        )
+    except (OSError, ValueError, KeyError) as err:
+        where = "local folder" if os.path.exists(resolved.path) else "Hugging Face hub id"
+        close = difflib.get_close_matches(name, MODEL_ALIASES, n=1)
+        hint = f" Did you mean the alias {close[0]!r}?" if close else ""
+        raise ModelLoadError(
+            f"could not load causal LM {name!r} ({where} {resolved.path}):"
+            f" {str(err).rstrip('.')}.{hint} Pass a built-in alias"
+            f" ({', '.join(MODEL_ALIASES)}), a folder written by save_pretrained, or a hub id"
+            " reachable from this machine."
+        ) from err
+    if tokenizer.eos_token is None:
+        raise ModelLoadError(
+            f"tokenizer of {name!r} has no EOS token: a response could not be ended"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        if model.generation_config.eos_token_id is None:
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+    trained = _trained_modules(model, info)
+    if getattr(model.config, "tie_word_embeddings", False):
+        trained = [n for n in trained if n != "lm_head"]
+    return LoadedModel(model, tokenizer, resolved, trained)
 
 
 def max_tokens(loaded: LoadedModel, requested: int) -> int:
@@ -121,7 +169,8 @@ def method_config(
     field takes it as is (IncreLoRA, AdaLoRA: the papers' budget); other methods are sized to
     the trainable-parameter count of LoRA at that rank with
     :func:`increlora.budget.match_budget`; methods without a size (full fine-tuning) ignore
-    it. A budget in the method's own fields (``target_params``) takes precedence.
+    it. A budget in the method's own fields (``target_params``) takes precedence; with
+    ``spec.budget == "params"`` a method with a ``target_params`` field gets LoRA's count.
     """
     cls = get_method(spec.name)
     config_cls = cls.config_class
@@ -138,6 +187,12 @@ def method_config(
         target_rank = None
     if target_rank is None:
         return config_cls.from_dict(args)
+    if spec.budget == "params" and "target_params" in fields:
+        from ..budget import lora_equivalent_parameters
+
+        probe = config_cls.from_dict({**args, "target_rank": target_rank})
+        params = lora_equivalent_parameters(model, probe, target_rank)
+        return config_cls.from_dict({**args, "target_rank": None, "target_params": params})
     if "target_rank" in fields:
         return config_cls.from_dict({**args, "target_rank": target_rank})
     if getattr(cls, "size_field", None) is None:

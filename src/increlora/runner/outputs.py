@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import resource
@@ -59,7 +60,7 @@ class RunLog:
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -69,6 +70,28 @@ class RunLog:
             return
         kept = [r for r in read_log(self.path) if r.get("step", 0) <= step]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN / infinite float made JSON-valid (strict parsers refuse NaN).
+
+    In a mapping, ``{"loss": nan}`` becomes ``{"loss": None, "loss_nonfinite": "nan"}``
+    (``"inf"`` / ``"-inf"``); elsewhere (in a list) the float becomes its string.
+    """
+    if isinstance(value, dict):
+        out: dict[Any, Any] = {}
+        for key, item in value.items():
+            if isinstance(item, float) and not math.isfinite(item):
+                out[key] = None
+                out[f"{key}_nonfinite"] = str(item)
+            else:
+                out[key] = strict_json(item)
+        return out
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
@@ -110,7 +133,7 @@ def peak_memory_mb() -> dict[str, float]:
     return peak
 
 
-RESUMABLE_CHANGES = ("output_dir", "train.stop_at_step")
+RESUMABLE_CHANGES = ("output_dir", "train.stop_at_step", "train.report_to")
 """Fields a resumed run may change: everything else would change the run's result."""
 
 

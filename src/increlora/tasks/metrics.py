@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy.stats import rankdata
 
 if TYPE_CHECKING:
     from increlora.tasks.registry import TaskSpec
@@ -78,6 +77,8 @@ def pearson(predictions: ArrayLike, labels: ArrayLike) -> float:
 def spearman(predictions: ArrayLike, labels: ArrayLike) -> float:
     """Spearman rank correlation: Pearson on ranks, ties given their average rank."""
     preds, golds = _pair(predictions, labels)
+    from scipy.stats import rankdata  # lazily: scipy.stats takes a second to import
+
     return pearson(rankdata(preds), rankdata(golds))
 
 

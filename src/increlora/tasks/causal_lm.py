@@ -1,0 +1,426 @@
+"""Causal-LM (instruction) tasks: prompt -> response pairs, trained on the response tokens.
+
+Sources:
+
+- ``qasc`` and ``winogrande``: the ``natural_instructions`` subtasks
+  ``subtask041_qasc_answer_generation`` and ``subtask033_winogrande_answer_generation``
+  inside the BIG-bench sdist on PyPI (``bigbench==1.0.0``, 6,500 examples each). Each
+  prompt is the subtask's short instruction (the ``Prompt:`` sentence of its
+  ``task_prefix``), a blank line, and the example's ``input``; the first ``target`` is the
+  training response, every target is an accepted reference. Splits are seeded by
+  ``split_seed`` and recorded: ``test`` (1,000 examples, reported, never used to choose
+  anything), ``validation`` (``validation_size`` or 500, model selection), the rest train.
+- ``jsonl``: a user folder with ``train.jsonl`` and ``validation.jsonl`` (optionally
+  ``test.jsonl``); one record a line, ``{"prompt": ..., "response": ...}`` or
+  ``{"messages": [{"role": ..., "content": ...}, ...]}`` whose last message is the
+  assistant's response. A malformed record is a :class:`CausalFormatError` naming the
+  file, the line and the field.
+
+How an example becomes tokens (chat template or plain format) is the runner's business
+(``increlora.runner.generation``); this module only holds the text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from increlora import assets
+from increlora.config import ConfigError
+from increlora.tasks.offline import held_out_split
+from increlora.tasks.registry import TaskData, subsample
+
+GENERATION_METRICS = ("exact_match", "f1", "loss", "perplexity")
+"""Metrics of a causal-LM eval split: SQuAD exact match / token F1 of greedy generations
+(fractions in [0, 1]) and the mean response-token loss and its exp."""
+
+TEST_SIZE = 1000
+"""Examples the offline causal tasks hold out as ``test`` (seeded by ``split_seed``)."""
+DEFAULT_VALIDATION_SIZE = 500
+"""Examples held out of the rest as ``validation`` when ``validation_size`` is not set."""
+
+ROLES = ("system", "user", "assistant")
+
+
+class CausalFormatError(ValueError):
+    """A causal-LM data file (JSONL or natural-instructions task.json) is malformed."""
+
+
+@dataclass(frozen=True)
+class CausalTaskSpec:
+    """A prompt -> response task, scored by generation (exact match, token F1) and loss.
+
+    ``main_metric`` is read on ``eval_splits[0]`` (model selection), as for classification
+    tasks. ``max_new_tokens`` is the default greedy-decoding length of its evaluation.
+    """
+
+    name: str
+    description: str = ""
+    source: str = "offline"
+    metrics: tuple[str, ...] = GENERATION_METRICS
+    main_metric: str = "exact_match"
+    eval_splits: tuple[str, ...] = ("validation", "test")
+    max_new_tokens: int = 32
+    kind: str = "causal_lm"
+    # The classification attributes the shared runner code reads, fixed for generation.
+    num_labels: int = 0
+    label_names: tuple[str, ...] = ()
+    is_regression: bool = False
+    is_pair: bool = False
+
+
+@dataclass(frozen=True)
+class PromptResponse:
+    """One example: the conversation before the answer, the answer, accepted references.
+
+    ``messages`` are the turns before the response (``{"role", "content"}``; a plain
+    prompt is one user turn). ``references`` are the answers generation is scored against
+    (the response first).
+    """
+
+    messages: tuple[dict[str, str], ...]
+    response: str
+    references: tuple[str, ...]
+
+    @property
+    def prompt(self) -> str:
+        """The turns' contents joined by newlines (the plain format's prompt text)."""
+        return "\n".join(m["content"] for m in self.messages)
+
+
+def is_causal(task: Any) -> bool:
+    """Whether ``task`` (a spec) is a causal-LM task."""
+    return getattr(task, "kind", "classification") == "causal_lm"
+
+
+@dataclass(frozen=True)
+class NaturalInstructionsSource:
+    """Where a natural-instructions subtask lives in the BIG-bench sdist."""
+
+    subtask: str
+
+    @property
+    def member(self) -> str:
+        return f"bigbench/benchmark_tasks/natural_instructions/{self.subtask}/task.json"
+
+
+CAUSAL_TASKS: dict[str, CausalTaskSpec] = {
+    spec.name: spec
+    for spec in (
+        CausalTaskSpec(
+            "qasc",
+            "QASC answer generation (natural_instructions subtask041 in BIG-bench): answer a"
+            " science question from a given fact; offline from PyPI bigbench==1.0.0.",
+            max_new_tokens=32,
+        ),
+        CausalTaskSpec(
+            "winogrande",
+            "WinoGrande answer generation (natural_instructions subtask033 in BIG-bench):"
+            " fill the blank with one of two objects; offline from PyPI bigbench==1.0.0.",
+            max_new_tokens=8,
+        ),
+        CausalTaskSpec(
+            "jsonl",
+            "Your own prompt/response data: --data-dir with train.jsonl and"
+            " validation.jsonl (optionally test.jsonl).",
+            source="jsonl",
+            eval_splits=("validation",),
+            max_new_tokens=64,
+        ),
+    )
+}
+
+NATURAL_INSTRUCTIONS: dict[str, NaturalInstructionsSource] = {
+    "qasc": NaturalInstructionsSource("subtask041_qasc_answer_generation"),
+    "winogrande": NaturalInstructionsSource("subtask033_winogrande_answer_generation"),
+}
+
+
+def causal_task_key(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def get_causal_task(name: str) -> CausalTaskSpec | None:
+    """The causal-LM task called ``name`` (case, dashes ignored), or None."""
+    return CAUSAL_TASKS.get(causal_task_key(name))
+
+
+# ------------------------------------------------------------------------ parsing
+def short_instruction(task_prefix: str) -> str:
+    """The ``Prompt:`` sentence of a natural-instructions ``task_prefix`` (or all of it)."""
+    head, sep, tail = task_prefix.rpartition("Prompt:")
+    return tail.strip() if sep and tail.strip() else task_prefix.strip()
+
+
+def read_natural_instructions(path: Path) -> tuple[list[PromptResponse], dict[str, Any]]:
+    """Parse a BIG-bench ``natural_instructions/<subtask>/task.json``.
+
+    Prompt = short instruction + blank line + ``input``; response = the first ``target``
+    (a string or a list of strings); references = every target. Examples whose input
+    repeats an earlier one are dropped (they would leak across splits).
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        items = data["examples"]
+        prefix = data.get("task_prefix") or data.get("description") or ""
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CausalFormatError(f"{path}: not a BIG-bench task.json ({exc})") from exc
+    if not isinstance(prefix, str):
+        raise CausalFormatError(f"{path}: task_prefix must be a string")
+    instruction = short_instruction(prefix)
+    examples, seen, duplicates = [], set(), 0
+    for i, item in enumerate(items):
+        where = f"{path} examples[{i}]"
+        text = item.get("input") if isinstance(item, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise CausalFormatError(f"{where}: field 'input' must be a non-empty string")
+        target = item.get("target")
+        targets = [target] if isinstance(target, str) else target
+        if (
+            not isinstance(targets, list)
+            or not targets
+            or not all(isinstance(t, str) and t.strip() for t in targets)
+        ):
+            raise CausalFormatError(
+                f"{where}: field 'target' must be a non-empty string or list of strings"
+            )
+        if text in seen:
+            duplicates += 1
+            continue
+        seen.add(text)
+        prompt = f"{instruction}\n\n{text.strip()}" if instruction else text.strip()
+        refs = tuple(dict.fromkeys(t.strip() for t in targets))
+        examples.append(PromptResponse(({"role": "user", "content": prompt},), refs[0], refs))
+    if not examples:
+        raise CausalFormatError(f"{path}: no examples")
+    info = {
+        "instruction": instruction,
+        "source_rows": len(items),
+        "dropped_duplicates": duplicates,
+    }
+    return examples, info
+
+
+def _record(value: Any, where: str) -> PromptResponse:
+    """One JSONL record as an example; errors name ``where`` (file:line) and the field."""
+    if not isinstance(value, dict):
+        raise CausalFormatError(
+            f"{where}: expected a JSON object with 'prompt' and 'response' or 'messages',"
+            f" got {type(value).__name__}"
+        )
+    if "messages" in value:
+        extra = sorted(set(value) & {"prompt", "response"})
+        if extra:
+            raise CausalFormatError(
+                f"{where}: field {extra[0]!r}: a record has either 'messages' or"
+                " 'prompt'/'response', not both"
+            )
+        messages = value["messages"]
+        if not isinstance(messages, list) or len(messages) < 2:
+            raise CausalFormatError(
+                f"{where}: field 'messages' must be a list of at least 2 messages (the last"
+                " one the assistant's response)"
+            )
+        turns = []
+        for j, message in enumerate(messages):
+            field = f"messages[{j}]"
+            if not isinstance(message, dict):
+                raise CausalFormatError(f"{where}: field {field!r} must be an object")
+            role, content = message.get("role"), message.get("content")
+            if role not in ROLES:
+                raise CausalFormatError(
+                    f"{where}: field '{field}.role' must be one of {', '.join(ROLES)}, got {role!r}"
+                )
+            if not isinstance(content, str):
+                raise CausalFormatError(f"{where}: field '{field}.content' must be a string")
+            turns.append({"role": role, "content": content})
+        last = len(turns) - 1
+        if turns[-1]["role"] != "assistant":
+            raise CausalFormatError(
+                f"{where}: field 'messages[{last}].role' must be 'assistant' (the last message"
+                f" is the response), got {turns[-1]['role']!r}"
+            )
+        if not turns[-1]["content"].strip():
+            raise CausalFormatError(f"{where}: field 'messages[{last}].content' is empty")
+        response = turns[-1]["content"]
+        return PromptResponse(tuple(turns[:-1]), response, (response,))
+    for field in ("prompt", "response"):
+        if field not in value:
+            raise CausalFormatError(
+                f"{where}: missing field {field!r} (a record is {{'prompt': ..., 'response':"
+                " ...}} or {'messages': [...]})"
+            )
+        if not isinstance(value[field], str):
+            raise CausalFormatError(
+                f"{where}: field {field!r} must be a string, got {type(value[field]).__name__}"
+            )
+    if not value["response"].strip():
+        raise CausalFormatError(f"{where}: field 'response' is empty")
+    prompt, response = value["prompt"], value["response"]
+    return PromptResponse(({"role": "user", "content": prompt},), response, (response,))
+
+
+def read_jsonl(path: Path) -> list[PromptResponse]:
+    """Parse one JSONL file of prompt/response or messages records (blank lines skipped)."""
+    examples = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CausalFormatError(f"{where}: not valid JSON ({exc.msg})") from None
+            examples.append(_record(value, where))
+    if not examples:
+        raise CausalFormatError(f"{path}: no records")
+    return examples
+
+
+# ------------------------------------------------------------------------ loading
+def fingerprint_causal(examples: list[PromptResponse]) -> str:
+    """sha256 of the sorted example identities: equal iff the same set of examples."""
+    identities = sorted(
+        json.dumps([list(ex.messages), ex.response, list(ex.references)], ensure_ascii=False)
+        for ex in examples
+    )
+    digest = hashlib.sha256()
+    for identity in identities:
+        digest.update(identity.encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def _load_offline(
+    task: CausalTaskSpec,
+    data_dir: Path | None,
+    split_seed: int,
+    validation_size: int | None,
+    downloader: assets.Downloader | None,
+) -> tuple[list[Any], dict[str, list[Any]], dict[str, Any]]:
+    source = NATURAL_INSTRUCTIONS[task.name]
+    if data_dir is not None:
+        path = data_dir if data_dir.is_file() else data_dir / "task.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{task.name}: expected {path} (a copy of {source.member})")
+        record: dict[str, Any] = {"kind": "local_file", "path": str(path.resolve())}
+    else:
+        dist = assets.DISTRIBUTIONS["bigbench"]
+        path = _natural_instructions_file(dist, source, downloader)
+        record = {
+            "kind": "pypi",
+            "package": dist.name,
+            "version": dist.version,
+            "sha256": dist.sha256,
+            "member": source.member,
+        }
+    examples, info = read_natural_instructions(path)
+    rest, test = held_out_split(examples, TEST_SIZE, split_seed)
+    size = validation_size or DEFAULT_VALIDATION_SIZE
+    if not 0 < size < len(rest):
+        raise ValueError(
+            f"{task.name} validation_size: {size} must be between 1 and {len(rest) - 1}"
+        )
+    # A second, independent permutation of what is left (seeded with split_seed as well).
+    train, validation = held_out_split(rest, size, split_seed + 1)
+    record.update(info, test_size=TEST_SIZE, validation_size=size)
+    return train, {"validation": validation, "test": test}, record
+
+
+def _natural_instructions_file(
+    dist: assets.Distribution, source: NaturalInstructionsSource, downloader: Any
+) -> Path:
+    """Extract (once) the subtask's task.json into the cache, under the subtask's name.
+
+    (``assets.data_file`` names the cached copy by its file name, and every subtask's
+    file is called task.json.)
+    """
+    dest = assets.cache_root() / "data" / f"{dist.name}-{dist.version}" / source.subtask
+    dest = dest / "task.json"
+    if dest.is_file():
+        return dest
+    return assets.extract_member(assets.fetch(dist, downloader), source.member, dest)
+
+
+def _load_jsonl(
+    task: CausalTaskSpec, data_dir: Path | None, validation_size: int | None
+) -> tuple[CausalTaskSpec, list[Any], dict[str, list[Any]], dict[str, Any]]:
+    if data_dir is None:
+        raise FileNotFoundError(
+            "jsonl: --data-dir is required (a folder with train.jsonl and validation.jsonl,"
+            " optionally test.jsonl)"
+        )
+    if validation_size is not None:
+        raise ConfigError(
+            "data.validation_size: does not apply to the jsonl task (its validation split is"
+            " validation.jsonl); leave it unset"
+        )
+    files = {"train": data_dir / "train.jsonl", "validation": data_dir / "validation.jsonl"}
+    for split, path in files.items():
+        if not path.is_file():
+            raise FileNotFoundError(f"jsonl: expected {path} ({split} records)")
+    if (data_dir / "test.jsonl").is_file():
+        files["test"] = data_dir / "test.jsonl"
+    loaded = {split: read_jsonl(path) for split, path in files.items()}
+    evals = {split: exs for split, exs in loaded.items() if split != "train"}
+    task = dataclasses.replace(task, eval_splits=tuple(evals))
+    record = {"kind": "jsonl", "files": {s: str(p.resolve()) for s, p in files.items()}}
+    return task, loaded["train"], evals, record
+
+
+def load_causal_task(
+    task: CausalTaskSpec,
+    data_dir: Path | None,
+    seed: int = 0,
+    train_size: int | None = None,
+    eval_size: int | None = None,
+    *,
+    split_seed: int = 0,
+    validation_size: int | None = None,
+    downloader: assets.Downloader | None = None,
+) -> TaskData:
+    """Train and eval examples of a causal-LM task with the record of how they were split.
+
+    ``train_size`` draws a ``seed``-dependent subset of train; ``eval_size`` subsamples each
+    eval split with ``split_seed`` (the same for every run seed).
+    """
+    if task.source == "jsonl":
+        task, train, evals, source = _load_jsonl(task, data_dir, validation_size)
+    else:
+        train, evals, source = _load_offline(
+            task, data_dir, split_seed, validation_size, downloader
+        )
+    full_sizes = {"train": len(train), **{split: len(exs) for split, exs in evals.items()}}
+    if train_size is not None:
+        train = subsample(train, train_size, seed, f"{task.name} train_size")
+    if eval_size is not None:
+        evals = {
+            split: exs
+            if eval_size >= len(exs)
+            else subsample(exs, eval_size, split_seed, f"{task.name} {split} eval_size")
+            for split, exs in evals.items()
+        }
+    split_info: dict[str, Any] = {
+        "task": task.name,
+        "kind": task.kind,
+        "source": source,
+        "seed": seed,
+        "split_seed": split_seed,
+        "train_size": train_size,
+        "eval_size": eval_size,
+        "validation_size": validation_size,
+        "selection_split": task.eval_splits[0],
+        "full_sizes": full_sizes,
+        "sizes": {"train": len(train), **{split: len(exs) for split, exs in evals.items()}},
+        "sha256": {
+            "train": fingerprint_causal(train),
+            **{s: fingerprint_causal(e) for s, e in evals.items()},
+        },
+    }
+    return TaskData(task, train, evals, split_info)  # type: ignore[arg-type]
