@@ -11,6 +11,7 @@ import pytest
 
 from increlora.config import ConfigError
 from increlora.runner import outputs as O
+from increlora.runner import report
 from increlora.runner.bench import expand
 from increlora.runner.config import (
     BUILTIN_CONFIGS,
@@ -23,7 +24,6 @@ from increlora.runner.config import (
 )
 from increlora.runner.data import DataError, EpochSampler, check_labels
 from increlora.runner.plots import rank_history, short_labels, split_module_name
-from increlora.runner.report import markdown, summarize
 from increlora.tasks import Example, get_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,11 +77,22 @@ def test_run_config_round_trip_and_yaml_coercion() -> None:
         ({"data": {"train_size": 0}}, "train_size: must be >= 1"),
         ({"data": "mr"}, "data: expected a mapping"),
         ({"method": {"target_rank": -1}}, "method.target_rank"),
+        ({"train": {"report_to": ["tensorbord"]}}, "report_to: unknown tracker(s) ['tensorbord']"),
+        ({"train": {"report_to": 5}}, "report_to: expected tracker names"),
     ],
 )
 def test_run_config_errors_name_the_field(data: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         RunConfig.from_dict(data)
+
+
+def test_report_to_takes_a_list_or_comma_separated_names_and_may_change_on_resume() -> None:
+    config = RunConfig.from_dict({"train": {"report_to": "tensorboard, wandb,tensorboard"}})
+    assert config.train.report_to == ["tensorboard", "wandb"]
+    assert RunConfig.from_dict(config.to_dict()) == config
+    assert RunConfig().train.report_to == []
+    tracked = RunConfig.from_dict({"train": {"report_to": ["mlflow"]}}).to_dict()
+    assert O.config_differences(RunConfig().to_dict(), tracked) == []
 
 
 def test_every_default_learning_rate_names_its_source() -> None:
@@ -188,10 +199,14 @@ def test_bench_spec_errors() -> None:
     assert runs[0].key == "method=fast" and runs[0].config.train.learning_rate == 0.01
 
 
-def _metrics(seed: int, value: float, method: str = "lora") -> dict:
-    config = RunConfig.from_dict({"method": {"name": method}, "train": {"seed": seed}})
+def _write_metrics(root: Path, seed: int, value: float, method: str = "lora") -> None:
+    out = root / f"method={method}" / f"seed={seed}"
+    config = RunConfig.from_dict(
+        {"method": {"name": method}, "train": {"seed": seed}, "output_dir": str(out)}
+    )
     split = {"validation": {"accuracy": value}}
-    return {
+    out.mkdir(parents=True)
+    metrics = {
         "task": "mr",
         "seed": seed,
         "main_metric": "accuracy",
@@ -203,12 +218,17 @@ def _metrics(seed: int, value: float, method: str = "lora") -> dict:
         "trainable_params": 100,
         "total_steps": 9,
         "wall_time_s": 60.0,
+        "resolved": {"learning_rate": 1e-3},
     }
+    (out / "metrics.json").write_text(json.dumps(metrics))
 
 
-def test_report_aggregates_seeds_into_mean_and_std() -> None:
-    rows = summarize([_metrics(0, 0.80), _metrics(1, 0.82), _metrics(0, 0.7, "increlora")])
-    assert [(r["method"], len(r["seeds"])) for r in rows] == [("increlora", 1), ("lora", 2)]
-    table = markdown(rows)
-    assert "0.8100 ± 0.0141" in table  # sample std of 0.80 and 0.82
-    assert "| mr | minilm | increlora | 2 | all | 9 | accuracy | 0.7000 |" in table
+def test_report_aggregates_seeds_into_mean_and_std(tmp_path) -> None:
+    _write_metrics(tmp_path, 0, 0.80)
+    _write_metrics(tmp_path, 1, 0.82)
+    _write_metrics(tmp_path, 0, 0.7, "increlora")
+    rows = report.cell_rows(report.collect(tmp_path))
+    assert [(r.method, len(r.seeds)) for r in rows] == [("increlora", 1), ("lora", 2)]
+    table = report.write_report(tmp_path).read_text()
+    assert "| lora | 0.001 | 0,1 | 0.810 ± 0.014 | - |" in table  # sample std of 0.80, 0.82
+    assert "| increlora | 0.001 | 0 | 0.700 | - | 100 | 1.0 min |" in table

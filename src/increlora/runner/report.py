@@ -1,15 +1,26 @@
-"""``increlora report``: finished runs under a directory -> a markdown table and plots.
+"""``increlora report``: finished runs -> the benchmark report (markdown tables and plots).
 
-Runs that differ only in their seed form one row: the main metric of the exported adapter
-(the best evaluation unless the run set select_best: false) and of the final step, as mean
-+- sample standard deviation over seeds.
+It follows the protocol of docs/benchmark.md. Every run reports the main metric of its
+exported adapter (the best evaluation on the *validation* split) on validation and, where
+the run had one, on the *test* split. Runs are grouped into cells (bench, task, model, train
+size, rank); within a cell, one row per method and learning rate, mean ± sample std over
+seeds. Where a method ran at several learning rates, the one with the best mean validation
+score is marked as chosen (test scores are never used to choose). Methods compared on the
+same seeds get a paired table: the per-seed test differences of IncreLoRA variants against
+LoRA and AdaLoRA, so a reader sees whether a gap exceeds seed noise.
+
+A directory holding several benches (``results/<bench>/...``) gets one section per bench; a
+``VERDICT.md`` in it is put at the top of the report. :func:`save_summaries` copies the small
+per-run files (``metrics.json``, ``run_config.json``; no weights) from ``runs/`` into such a
+directory, so the report regenerates from the repository alone.
 """
 
 from __future__ import annotations
 
-import json
+import shutil
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,144 +28,298 @@ from ..io import atomic_write_text, read_json
 from . import outputs as O
 from .plots import plt
 
-
-def collect(directory: Path) -> list[dict[str, Any]]:
-    """metrics.json of every finished run below ``directory`` (sorted by path)."""
-    return [read_json(p) for p in sorted(directory.rglob(O.METRICS))]
+VERDICT = "VERDICT.md"
+REFERENCES = ("lora", "adalora")  # what IncreLoRA variants are compared with, paired by seed
 
 
-def _group_key(metrics: dict[str, Any]) -> str:
-    config = json.loads(json.dumps(metrics["config"]))
-    config["output_dir"] = None
-    config["train"]["seed"] = None
-    return json.dumps(config, sort_keys=True)
+@dataclass(frozen=True)
+class RunResult:
+    """What the report needs of one finished run."""
+
+    bench: str
+    task: str
+    model: str
+    train_size: int | None
+    target_rank: float | None
+    method: str  # the bench label (e.g. inc-lora) or the method name
+    learning_rate: float
+    seed: int
+    metric: str
+    validation: float
+    test: float | None
+    trainable_params: int
+    wall_time_s: float
+    steps: int
+    uniform_allocation: bool
+
+    @property
+    def cell(self) -> tuple:
+        return (self.bench, self.task, self.model, self.train_size or 0, self.target_rank or 0)
 
 
-def _method_label(config: dict[str, Any]) -> str:
-    method = config["method"]
-    extra = [f"{k}={v}" for k, v in method.items() if k not in ("name", "target_rank")]
-    if config["train"].get("learning_rate") is not None:
-        extra.append(f"lr={config['train']['learning_rate']:g}")
-    return method["name"] + (f" ({', '.join(extra)})" if extra else "")
+def _label(config: dict[str, Any]) -> str:
+    """The bench's method label (``.../method=<label>/...``) or the method name."""
+    for part in Path(str(config.get("output_dir") or "")).parts:
+        if part.startswith("method="):
+            return part.removeprefix("method=")
+    return str(config["method"]["name"])
 
 
-def _mean_std(values: list[float]) -> tuple[float, float | None]:
+def _bench_name(path: Path, root: Path) -> str:
+    """The path below ``root`` up to the first ``axis=value`` folder ('' for a bench dir)."""
+    parts = []
+    for part in path.relative_to(root).parent.parts:
+        if "=" in part:
+            break
+        parts.append(part)
+    return "/".join(parts)
+
+
+def _test_split(metrics: dict[str, Any], selection: str) -> str | None:
+    splits = [s for s in metrics if s != selection and s.startswith("test")]
+    return splits[0] if splits else None
+
+
+def load_run(path: Path, root: Path) -> RunResult:
+    m = read_json(path)
+    config, name, selection = m["config"], m["main_metric"], m["eval_split"]
+    chosen = m["best"] if m["adapter"]["selected"] == "best" else m["final"]
+    metrics = chosen["metrics"]
+    test_split = _test_split(metrics, selection)
+    plan = (m.get("resolved") or {}).get("plan") or {}
+    return RunResult(
+        bench=_bench_name(path, root),
+        task=m["task"],
+        model=str(config["model"]),
+        train_size=config["data"].get("train_size"),
+        target_rank=config["method"].get("target_rank"),
+        method=_label(config),
+        learning_rate=float(m["resolved"]["learning_rate"]),
+        seed=int(m["seed"]),
+        metric=name,
+        validation=float(metrics[selection][name]),
+        test=None if test_split is None else float(metrics[test_split][name]),
+        trainable_params=int(m["trainable_params"]),
+        wall_time_s=float(m["wall_time_s"]),
+        steps=int(m["total_steps"]),
+        uniform_allocation=bool(plan.get("uniform", False)),
+    )
+
+
+def collect(directory: Path) -> list[RunResult]:
+    """Every finished run below ``directory`` (a run is finished when metrics.json exists)."""
+    return [load_run(p, directory) for p in sorted(directory.rglob(O.METRICS))]
+
+
+def save_summaries(runs_dir: str | Path, destination: str | Path) -> int:
+    """Copy metrics.json and run_config.json of every finished run (same relative paths)."""
+    runs_dir, destination = Path(runs_dir), Path(destination)
+    count = 0
+    for metrics in sorted(runs_dir.rglob(O.METRICS)):
+        target = destination / metrics.parent.relative_to(runs_dir)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in (O.RUN_CONFIG, O.METRICS):  # metrics.json last: it marks a finished run
+            if (metrics.parent / name).is_file():
+                shutil.copyfile(metrics.parent / name, target / name)
+        count += 1
+    return count
+
+
+# ------------------------------------------------------------------------ statistics
+def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def _fmt(values: list[float]) -> str:
-    mean, std = _mean_std(values)
-    return f"{mean:.4f} ± {std:.4f}" if std is not None else f"{mean:.4f}"
+def fmt(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "-"
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
 
 
-def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per configuration (runs that differ only in the seed)."""
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for metrics in runs:
-        groups[_group_key(metrics)].append(metrics)
-    rows = []
-    for members in groups.values():
-        first = members[0]
-        config, split, name = first["config"], first["eval_split"], first["main_metric"]
-        adapter_steps = [m["adapter"]["step"] for m in members]
-        selected = [
-            m["best"]["value"]
-            if m["adapter"]["selected"] == "best"
-            else m["final"]["metrics"][split][name]
-            for m in members
-        ]
-        rows.append(
-            {
-                "task": first["task"],
-                "model": config["model"],
-                "method": _method_label(config),
-                "target_rank": config["method"].get("target_rank"),
-                "train_size": config["data"].get("train_size"),
-                "metric": name,
-                "selected": selected,
-                "final": [m["final"]["metrics"][split][name] for m in members],
-                "seeds": sorted(m["seed"] for m in members),
-                "trainable_params": statistics.fmean(m["trainable_params"] for m in members),
-                "steps": first["total_steps"],
-                "adapter_steps": adapter_steps,
-                "wall_time_s": statistics.fmean(m["wall_time_s"] for m in members),
-            }
-        )
-    rows.sort(key=lambda r: (r["task"], r["train_size"] or 0, r["target_rank"] or 0, r["method"]))
-    return rows
+@dataclass
+class Row:
+    """One method at one learning rate in one cell, over its seeds."""
+
+    method: str
+    learning_rate: float
+    runs: list[RunResult]
+
+    @property
+    def validation(self) -> list[float]:
+        return [r.validation for r in self.runs]
+
+    @property
+    def test(self) -> list[float]:
+        return [r.test for r in self.runs if r.test is not None]
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(r.seed for r in self.runs)
+
+    def by_seed(self) -> dict[int, RunResult]:
+        return {r.seed: r for r in self.runs}
 
 
-def _rank(value: float | None) -> str:
-    return "-" if value is None else f"{value:g}"
+def cell_rows(runs: list[RunResult]) -> list[Row]:
+    groups: dict[tuple[str, float], list[RunResult]] = defaultdict(list)
+    for run in runs:
+        groups[(run.method, run.learning_rate)].append(run)
+    return [Row(m, lr, rs) for (m, lr), rs in sorted(groups.items())]
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    header = (
-        "| task | model | method | avg rank | train size | steps | metric | adapter (mean ± std)"
-        " | final step | seeds | trainable params | time / run |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-    )
+def chosen_rows(rows: list[Row]) -> dict[str, Row]:
+    """Per method, the learning rate with the best mean validation score."""
+    best: dict[str, Row] = {}
+    for row in rows:
+        current = best.get(row.method)
+        if current is None or statistics.fmean(row.validation) > statistics.fmean(
+            current.validation
+        ):
+            best[row.method] = row
+    return best
+
+
+def paired(rows: dict[str, Row]) -> list[dict[str, Any]]:
+    """IncreLoRA variants vs each reference, test differences on the seeds both ran."""
+    out = []
+    for name, row in sorted(rows.items()):
+        if not (name.startswith("inc") or name == "increlora"):
+            continue
+        for ref in REFERENCES:
+            other = rows.get(ref)
+            if other is None:
+                continue
+            mine, theirs = row.by_seed(), other.by_seed()
+            seeds = sorted(s for s in set(mine) & set(theirs) if mine[s].test is not None)
+            if not seeds:
+                continue
+            diffs = [mine[s].test - theirs[s].test for s in seeds]
+            out.append({"method": name, "reference": ref, "seeds": seeds, "diffs": diffs})
+    return out
+
+
+# -------------------------------------------------------------------------- markdown
+def _cell_title(cell: tuple) -> str:
+    _, task, model, size, rank = cell
+    return f"{task}, {size or 'all'} training examples, {model}, average rank {rank:g}"
+
+
+def cell_markdown(cell: tuple, runs: list[RunResult]) -> str:
+    rows = cell_rows(runs)
+    chosen = chosen_rows(rows)
+    several = {m for m in chosen if sum(r.method == m for r in rows) > 1}
+    metric, steps = runs[0].metric, runs[0].steps
     lines = [
-        f"| {r['task']} | {r['model']} | {r['method']} | {_rank(r['target_rank'])} |"
-        f" {r['train_size'] or 'all'} | {r['steps']} | {r['metric']} | {_fmt(r['selected'])} |"
-        f" {_fmt(r['final'])} | {len(r['seeds'])} | {r['trainable_params']:,.0f} |"
-        f" {r['wall_time_s'] / 60:.1f} min |"
-        for r in rows
+        f"### {_cell_title(cell)}\n",
+        f"{steps} optimizer steps; {metric} of the adapter picked on validation;"
+        " ± is the sample std over seeds.\n",
+        "| method | lr | seeds | validation | test | trainable params | time / run |",
+        "|---|---|---|---|---|---|---|",
     ]
-    return header + "\n".join(lines) + "\n"
+    for row in rows:
+        mark = " (chosen)" if row.method in several and chosen[row.method] is row else ""
+        uniform = " ⚠ uniform" if any(r.uniform_allocation for r in row.runs) else ""
+        params = statistics.fmean(r.trainable_params for r in row.runs)
+        wall = statistics.fmean(r.wall_time_s for r in row.runs) / 60
+        lines.append(
+            f"| {row.method}{uniform} | {row.learning_rate:g}{mark} |"
+            f" {','.join(map(str, row.seeds))} | {fmt(row.validation)} | {fmt(row.test)} |"
+            f" {params:,.0f} | {wall:.1f} min |"
+        )
+    pairs = paired(chosen)
+    if pairs:
+        lines += [
+            "",
+            "Paired by seed (test score difference, method minus reference, at each"
+            " method's chosen learning rate):\n",
+            "| method | vs | seeds | per-seed differences | mean ± std |",
+            "|---|---|---|---|---|",
+        ]
+        for p in pairs:
+            diffs = ", ".join(f"{d:+.3f}" for d in p["diffs"])
+            lines.append(
+                f"| {p['method']} | {p['reference']} | {','.join(map(str, p['seeds']))} |"
+                f" {diffs} | {fmt(p['diffs'])} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
-def plot_task(rows: list[dict[str, Any]], task: str, path: Path) -> None:
-    """Grouped bars: the adapter's metric per train size, one bar per method and rank."""
-    rows = [r for r in rows if r["task"] == task]
-    sizes = sorted({r["train_size"] or 0 for r in rows})
-    series = sorted({(r["method"], r["target_rank"]) for r in rows}, key=str)
-    width = 0.8 / max(1, len(series))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(sizes) + 3), 3.6))
-    for i, (method, rank) in enumerate(series):
-        xs, means, stds = [], [], []
-        for j, size in enumerate(sizes):
-            hit = [
-                r
-                for r in rows
-                if (r["method"], r["target_rank"], r["train_size"] or 0) == (method, rank, size)
-            ]
-            if hit:
-                mean, std = _mean_std(hit[0]["selected"])
-                xs.append(j + (i - (len(series) - 1) / 2) * width)
-                means.append(mean)
-                stds.append(std or 0.0)
-        ax.bar(xs, means, width, yerr=stds, capsize=3, label=f"{method}, r={_rank(rank)}")
-    ax.set_xticks(range(len(sizes)), [str(s or "all") for s in sizes])
-    ax.set_xlabel("training examples")
-    ax.set_ylabel(rows[0]["metric"])
-    lows = [min(r["selected"]) for r in rows]
-    ax.set_ylim(max(0.0, min(lows) - 0.1), None)
-    ax.set_title(f"{task}: mean ± std over seeds", fontsize=10)
-    ax.legend(fontsize=7)
+def cells(runs: list[RunResult]) -> dict[tuple, list[RunResult]]:
+    grouped: dict[tuple, list[RunResult]] = defaultdict(list)
+    for run in runs:
+        grouped[run.cell].append(run)
+    return dict(sorted(grouped.items(), key=lambda kv: tuple(str(x) for x in kv[0])))
+
+
+# ----------------------------------------------------------------------------- plots
+def plot_bench(runs: list[RunResult], path: Path) -> bool:
+    """Per task: test score vs train size (each method at its chosen lr), and test score vs
+    trainable parameters (validation scores where runs had no test split)."""
+    by_task: dict[str, list[RunResult]] = defaultdict(list)
+    for run in runs:
+        by_task[run.task].append(run)
+    if not by_task:
+        return False
+    split = "test" if all(r.test is not None for r in runs) else "validation"
+    fig, axes = plt.subplots(len(by_task), 2, figsize=(10, 3.4 * len(by_task)), squeeze=False)
+    for (task, task_runs), (ax_size, ax_params) in zip(sorted(by_task.items()), axes):
+        series: dict[str, list[tuple[int, float, float, float]]] = defaultdict(list)
+        for cell, cell_runs in cells(task_runs).items():
+            for method, row in chosen_rows(cell_rows(cell_runs)).items():
+                mean, std = mean_std(row.test if split == "test" else row.validation)
+                params = statistics.fmean(r.trainable_params for r in row.runs)
+                series[method].append((cell[3], mean, std or 0.0, params))
+        for method, points in sorted(series.items()):
+            points.sort()
+            xs = [p[0] for p in points]
+            ax_size.errorbar(
+                xs, [p[1] for p in points], [p[2] for p in points], marker="o", capsize=3,
+                label=method,
+            )  # fmt: skip
+            ax_params.scatter([p[3] for p in points], [p[1] for p in points], label=method)
+        ax_size.set_xscale("log")
+        ax_size.set_xlabel("training examples")
+        ax_size.set_ylabel(f"{split} {task_runs[0].metric}")
+        ax_size.set_title(f"{task}: {split} score vs train size", fontsize=10)
+        ax_params.set_xscale("log")
+        ax_params.set_xlabel("trainable parameters")
+        ax_params.set_title(f"{task}: {split} score vs trainable parameters", fontsize=10)
+        ax_size.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
+# ----------------------------------------------------------------------------- write
 def write_report(directory: str | Path, output: str | Path | None = None) -> Path:
-    """Write the markdown report (and one plot per task next to it); returns its path."""
+    """Write the markdown report (and one plot per bench next to it); returns its path."""
     directory = Path(directory)
     runs = collect(directory)
     if not runs:
         raise FileNotFoundError(f"{directory}: no finished runs (no {O.METRICS} below it)")
-    rows = summarize(runs)
     output = Path(output) if output is not None else directory / "report.md"
-    parts = [
-        f"# Results in {directory}\n",
-        f"{len(runs)} finished runs. 'adapter' is the main metric of the exported adapter"
-        " (best evaluation unless select_best was off), 'final step' the metric at the end"
-        " of training; ± is the sample standard deviation over seeds.\n",
-        markdown(rows),
-    ]
-    for task in sorted({r["task"] for r in rows}):
-        plot = output.parent / f"report_{task}.png"
-        plot_task(rows, task, plot)
-        parts.append(f"![{task}]({plot.name})\n")
+    parts = []
+    verdict = directory / VERDICT
+    if verdict.is_file():
+        parts.append(verdict.read_text(encoding="utf-8").rstrip() + "\n")
+    else:
+        parts.append(f"# Results in {directory}\n")
+    parts.append(
+        f"Generated by `increlora report {directory}` from {len(runs)} finished runs"
+        " (protocol: docs/benchmark.md).\n"
+    )
+    by_bench: dict[str, list[RunResult]] = defaultdict(list)
+    for run in runs:
+        by_bench[run.bench].append(run)
+    for bench, bench_runs in sorted(by_bench.items()):
+        name = bench or directory.name
+        parts.append(f"## {name}\n")
+        for cell, cell_runs in cells(bench_runs).items():
+            parts.append(cell_markdown(cell, cell_runs))
+        plot = output.parent / f"{output.stem}_{name.replace('/', '_')}.png"
+        if plot_bench(bench_runs, plot):
+            parts.append(f"![{name}]({plot.name})\n")
     atomic_write_text(output, "\n".join(parts))
     return output

@@ -1,0 +1,100 @@
+"""Run the benchmark protocol of docs/benchmark.md: sweep, choose on validation, test on fresh seeds.
+
+    python benchmarks/protocol.py SWEEP_SPEC [SWEEP_SPEC ...] FINAL_SPEC [--results results]
+
+1. Runs every sweep spec (``increlora bench``: resumable, finished runs are skipped).
+2. Per method label, picks the learning rate with the best mean validation score over the
+   sweep's runs (the test split is never read).
+3. Writes FINAL_SPEC with every ``learning_rate: sweep`` replaced by that choice to
+   ``<final output_dir>/spec.resolved.yaml`` (with a comment per choice) and runs it.
+4. With ``--results DIR``, copies the small per-run summaries of the sweep and final benches
+   into ``DIR/<bench>`` after each bench, so finished runs can be committed as they land.
+
+Interrupt it at any time and run the same command again to continue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+from increlora.runner.bench import run_bench
+from increlora.runner.config import read_yaml
+from increlora.runner.report import collect, save_summaries
+
+
+def choose_learning_rates(sweep_dirs: list[Path]) -> dict[str, tuple[float, dict[float, float]]]:
+    """label -> (chosen lr, {lr: mean validation score}) over the finished sweep runs."""
+    scores: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for directory in sweep_dirs:
+        for run in collect(directory):
+            scores[run.method][run.learning_rate].append(run.validation)
+    chosen = {}
+    for label, by_lr in scores.items():
+        means = {lr: statistics.fmean(values) for lr, values in sorted(by_lr.items())}
+        # Ties go to the smaller learning rate (listed first).
+        best = max(means, key=lambda lr: (means[lr], -lr))
+        chosen[label] = (best, means)
+    return chosen
+
+
+def resolve(final_spec: dict, chosen: dict[str, tuple[float, dict[float, float]]]) -> dict:
+    methods = []
+    for entry in final_spec["matrix"]["method"]:
+        entry = dict(entry) if isinstance(entry, dict) else {"name": entry}
+        label = entry.get("label", entry["name"])
+        if entry.get("learning_rate") == "sweep":
+            if label not in chosen:
+                raise SystemExit(f"final spec: no finished sweep runs for method {label!r}")
+            entry["learning_rate"] = chosen[label][0]
+        methods.append(entry)
+    return {**final_spec, "matrix": {**final_spec["matrix"], "method": methods}}
+
+
+def _out(spec_path: str) -> Path:
+    return Path(read_yaml(spec_path).get("output_dir") or "runs/bench")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("specs", nargs="+", help="sweep spec(s), then the final spec")
+    parser.add_argument("--results", help="copy run summaries to RESULTS/<bench> as they land")
+    args = parser.parse_args(argv)
+    if len(args.specs) < 2:
+        parser.error("give at least one sweep spec and the final spec")
+    *sweeps, final = args.specs
+    failed = 0
+
+    def publish(directory: Path) -> None:
+        if args.results:
+            save_summaries(directory, Path(args.results) / directory.name)
+
+    for spec in sweeps:
+        failed += len(run_bench(spec)["failed"])
+        publish(_out(spec))
+    chosen = choose_learning_rates(sorted({_out(s) for s in sweeps}))
+    for label, (lr, means) in sorted(chosen.items()):
+        curve = ", ".join(f"{k:g}: {v:.3f}" for k, v in means.items())
+        print(f"protocol: {label}: lr {lr:g} chosen on validation ({curve})", file=sys.stderr)
+    spec = resolve(read_yaml(final), chosen)
+    out = _out(final)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = out / "spec.resolved.yaml"
+    header = "".join(
+        f"# {label}: lr {lr:g} chosen on validation over"
+        f" {', '.join(f'{k:g}={v:.3f}' for k, v in means.items())}\n"
+        for label, (lr, means) in sorted(chosen.items())
+    )
+    resolved.write_text(header + yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    failed += len(run_bench(resolved)["failed"])
+    publish(out)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

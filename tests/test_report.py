@@ -1,0 +1,106 @@
+"""The benchmark protocol: the three splits, learning-rate choice on validation only, paired
+differences by seed, and the committed report regenerating from the committed summaries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from increlora.runner import report
+from increlora.tasks import carve_validation, get_task
+from increlora.tasks.registry import Example
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write_run(root: Path, method: str, lr: float, seed: int, val: float, test: float) -> None:
+    out = root / "bench" / f"method={method}-lr{lr:g}" / f"seed={seed}"
+    out.mkdir(parents=True)
+    config = {
+        "model": "minilm",
+        "output_dir": str(out).replace(f"method={method}-lr{lr:g}", f"method={method}"),
+        "data": {"task": "mr", "train_size": 500},
+        "method": {"name": method, "target_rank": 2.0},
+        "train": {"seed": seed, "learning_rate": lr},
+    }
+    scores = {"validation": {"accuracy": val}, "test": {"accuracy": test}}
+    metrics = {
+        "task": "mr",
+        "seed": seed,
+        "main_metric": "accuracy",
+        "eval_split": "validation",
+        "best": {"step": 48, "value": val, "metrics": scores},
+        "final": {"step": 48, "metrics": scores},
+        "adapter": {"selected": "best"},
+        "trainable_params": 83000,
+        "wall_time_s": 120.0,
+        "total_steps": 48,
+        "config": config,
+        "resolved": {"learning_rate": lr, "plan": None},
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    (out / "run_config.json").write_text(json.dumps(config))
+
+
+def test_learning_rate_is_chosen_on_validation_never_on_test(tmp_path):
+    # lr 1e-3 wins on validation but loses on test: it must still be the chosen one.
+    for seed in (0, 1):
+        _write_run(tmp_path, "lora", 1e-3, seed, val=0.80, test=0.70)
+        _write_run(tmp_path, "lora", 3e-3, seed, val=0.75, test=0.90)
+    runs = report.collect(tmp_path)
+    chosen = report.chosen_rows(report.cell_rows(runs))
+    assert chosen["lora"].learning_rate == 1e-3
+    text = (report.write_report(tmp_path, tmp_path / "r.md")).read_text()
+    assert "| lora | 0.001 (chosen) | 0,1 | 0.800 ± 0.000 | 0.700 ± 0.000 |" in text
+
+
+def test_paired_differences_use_the_shared_seeds(tmp_path):
+    for seed, (a, b) in enumerate([(0.80, 0.78), (0.82, 0.83), (0.79, 0.75)]):
+        _write_run(tmp_path, "increlora", 1e-3, seed, val=0.8, test=a)
+        _write_run(tmp_path, "lora", 1e-3, seed, val=0.8, test=b)
+    _write_run(tmp_path, "adalora", 5e-3, 7, val=0.8, test=0.5)  # no shared seed: no pair
+    pairs = report.paired(report.chosen_rows(report.cell_rows(report.collect(tmp_path))))
+    assert len(pairs) == 1 and pairs[0]["reference"] == "lora"
+    assert pairs[0]["seeds"] == [0, 1, 2]
+    assert pairs[0]["diffs"] == pytest.approx([0.02, -0.01, 0.04])
+
+
+def test_summaries_copy_only_the_small_files(tmp_path):
+    _write_run(tmp_path, "lora", 1e-3, 0, val=0.8, test=0.7)
+    weights = next((tmp_path / "bench").rglob("metrics.json")).parent / "adapter.safetensors"
+    weights.write_bytes(b"x" * 100)
+    assert report.save_summaries(tmp_path / "bench", tmp_path / "results" / "bench") == 1
+    copied = sorted(p.name for p in (tmp_path / "results").rglob("*") if p.is_file())
+    assert copied == ["metrics.json", "run_config.json"]
+    assert [r.bench for r in report.collect(tmp_path / "results")] == ["bench"]
+
+
+def test_validation_is_carved_from_train_and_the_eval_split_becomes_test():
+    task = get_task("mr")
+    train = [Example(f"t{i}", None, i % 2) for i in range(100)]
+    evals = {"validation": [Example(f"e{i}", None, i % 2) for i in range(10)]}
+    rest, splits, task2 = carve_validation(task, train, evals, 20, split_seed=0)
+    assert task2.eval_splits == ("validation", "test")
+    assert len(rest) == 80 and len(splits["validation"]) == 20
+    assert splits["test"] == evals["validation"]
+    assert not {e.text_a for e in rest} & {e.text_a for e in splits["validation"]}
+    again, splits2, _ = carve_validation(task, train, evals, 20, split_seed=0)
+    assert splits2["validation"] == splits["validation"]  # fixed by split_seed alone
+    glue = get_task("mnli")
+    _, named, task3 = carve_validation(
+        glue, train, {"validation_matched": [], "validation_mismatched": []}, 5, 0
+    )
+    assert task3.eval_splits == ("validation", "test_matched", "test_mismatched")
+    assert set(named) == {"validation", "test_matched", "test_mismatched"}
+
+
+@pytest.mark.skipif(
+    not (REPO / "results").is_dir(), reason="no committed results/ in this checkout"
+)
+def test_committed_report_regenerates_from_committed_summaries(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    out = report.write_report("results", tmp_path / "results.md")
+    committed = (REPO / "docs" / "results.md").read_text(encoding="utf-8")
+    assert out.read_text(encoding="utf-8") == committed
