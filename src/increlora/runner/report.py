@@ -293,6 +293,12 @@ def plot_bench(runs: list[RunResult], path: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------- write
+def _bench_order(name: str) -> tuple[int, str]:
+    """Headline benches (core*) first, then ablations, then sweeps and the rest."""
+    rank = 0 if name.startswith("core") else 1 if name.startswith("ablation") else 2
+    return rank, name
+
+
 def write_report(directory: str | Path, output: str | Path | None = None) -> Path:
     """Write the markdown report (and one plot per bench next to it); returns its path."""
     directory = Path(directory)
@@ -313,7 +319,12 @@ def write_report(directory: str | Path, output: str | Path | None = None) -> Pat
     by_bench: dict[str, list[RunResult]] = defaultdict(list)
     for run in runs:
         by_bench[run.bench].append(run)
-    for bench, bench_runs in sorted(by_bench.items()):
+    core = [r for r in runs if r.bench.startswith("core")]
+    if core:  # the headline benches, all sizes in one figure
+        plot = output.parent / f"{output.stem}_core.png"
+        if plot_bench(core, plot):
+            parts.append(f"![core benches: every size]({plot.name})\n")
+    for bench, bench_runs in sorted(by_bench.items(), key=lambda kv: _bench_order(kv[0])):
         name = bench or directory.name
         parts.append(f"## {name}\n")
         for cell, cell_runs in cells(bench_runs).items():
