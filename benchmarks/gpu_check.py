@@ -169,7 +169,8 @@ def compare(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             updates[precision] = {
                 name: layer.delta_weight().float().cpu() for name, layer in adapted.layers.items()
             }
-        grown[precision] = [[g["module"] for g in e["grown"]] for e in controller.history]
+        # Sets: with top_h = every module the order within the round is only the score order.
+        grown[precision] = [sorted(g["module"] for g in e["grown"]) for e in controller.history]
         scores = [s for e in controller.history for s in e["scores"].values()]
         if not all(math.isfinite(x) for x in scores + losses[precision]):
             raise RuntimeError(f"{precision}: non-finite loss or importance score")

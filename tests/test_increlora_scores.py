@@ -33,7 +33,7 @@ def _one_scored_step(reg_weight: float, importance: str, **kw):
         model,
         _config(
             target_rank=2, init_warmup=5, interval=5, top_h=12, importance=importance,
-            orth_reg_weight=reg_weight, beta1=0.0, beta2=0.0, **kw,
+            orth_reg_weight=reg_weight, beta1=0.0, beta2=0.0, init="paper", **kw,
         ),
     )  # fmt: skip
     with torch.no_grad():  # e away from 0 so the task gradients of A and B are not all zero
@@ -90,7 +90,9 @@ def test_proxy_ignores_gradient_clipping_and_accumulation_scaling():
     model = CASE.make()
     adapted = increlora.inject(
         model,
-        _config(target_rank=2, init_warmup=5, interval=5, top_h=12, beta1=0.0, beta2=0.0),
+        _config(
+            target_rank=2, init_warmup=5, interval=5, top_h=12, beta1=0.0, beta2=0.0, init="paper"
+        ),
     )
     with torch.no_grad():
         for layer in adapted.layers.values():

@@ -219,6 +219,7 @@ def _first_step_gradients(case_name: str, out: Path, batch: int, accumulation: i
     config = IncreLoRAConfig(
         target_modules=case.targets, modules_to_save=case.modules_to_save, target_rank=2,
         init_warmup=2, interval=2, top_h=3, alpha=4, orth_reg_weight=0.5,
+        init="paper",  # B != 0 at the start, so the regularizer has a gradient from step 1
     )  # fmt: skip
     adapted = increlora.inject(model, config)
     ids = torch.randint(0, 64, (8, 9), generator=torch.Generator().manual_seed(0))
