@@ -640,7 +640,7 @@ def test_method_fields_are_coerced_to_their_types(nothing_loads, tmp_path, capsy
     }
     assert type(method["top_h"]) is int and type(method["alpha"]) is float
     # What the run fills in is shown as comments (the output stays a loadable config).
-    assert "# Filled in when the run starts" in printed and "train.learning_rate: 0.002" in printed
+    assert "# Filled in when the run starts" in printed and "train.learning_rate: 0.01" in printed
     config.write_text("method: {name: lora, r: two}\n")
     assert cli.main(["train", "--config", str(config)]) == 2
     assert "method.r (LoRAConfig.r): expected an integer, got 'two'" in capsys.readouterr().err
