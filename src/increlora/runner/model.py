@@ -69,20 +69,25 @@ def load_model(name: str, task: TaskSpec) -> LoadedModel:
             **kwargs,
         )
     except (OSError, ValueError, KeyError) as err:
-        where = "local folder" if os.path.exists(resolved.path) else "Hugging Face hub id"
-        close = difflib.get_close_matches(name, MODEL_ALIASES, n=1)
-        hint = f" Did you mean the alias {close[0]!r}?" if close else ""
-        raise ModelLoadError(
-            f"could not load model {name!r} ({where} {resolved.path}): {str(err).rstrip('.')}."
-            f"{hint} Pass a built-in alias ({', '.join(MODEL_ALIASES)}), a folder written by"
-            " save_pretrained, or a hub id reachable from this machine."
-        ) from err
+        raise _load_error("model", name, resolved.path, err) from err
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelLoadError(f"tokenizer of {name!r} has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(model, tokenizer, resolved, _trained_modules(model, info))
+
+
+def _load_error(what: str, name: str, path: str, err: Exception) -> ModelLoadError:
+    """One line: what failed to load from where, the nearest alias, and what to pass."""
+    where = "local folder" if os.path.exists(path) else "Hugging Face hub id"
+    close = difflib.get_close_matches(name, MODEL_ALIASES, n=1)
+    hint = f" Did you mean the alias {close[0]!r}?" if close else ""
+    return ModelLoadError(
+        f"could not load {what} {name!r} ({where} {path}): {str(err).rstrip('.')}.{hint}"
+        f" Pass a built-in alias ({', '.join(MODEL_ALIASES)}), a folder written by"
+        " save_pretrained, or a hub id reachable from this machine."
+    )
 
 
 def load_causal_lm(name: str) -> LoadedModel:
@@ -105,15 +110,7 @@ def load_causal_lm(name: str) -> LoadedModel:
             resolved.path, output_loading_info=True, **kwargs
         )
     except (OSError, ValueError, KeyError) as err:
-        where = "local folder" if os.path.exists(resolved.path) else "Hugging Face hub id"
-        close = difflib.get_close_matches(name, MODEL_ALIASES, n=1)
-        hint = f" Did you mean the alias {close[0]!r}?" if close else ""
-        raise ModelLoadError(
-            f"could not load causal LM {name!r} ({where} {resolved.path}):"
-            f" {str(err).rstrip('.')}.{hint} Pass a built-in alias"
-            f" ({', '.join(MODEL_ALIASES)}), a folder written by save_pretrained, or a hub id"
-            " reachable from this machine."
-        ) from err
+        raise _load_error("causal LM", name, resolved.path, err) from err
     if tokenizer.eos_token is None:
         raise ModelLoadError(
             f"tokenizer of {name!r} has no EOS token: a response could not be ended"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
 
 from increlora.assets import Downloader
 from increlora.tasks.causal_lm import (
@@ -25,8 +24,7 @@ from increlora.tasks.registry import (
     Example,
     TaskData,
     TaskSpec,
-    fingerprint,
-    subsample,
+    subsampled_task_data,
 )
 from increlora.tasks.registry import get_task as _get_classification_task
 
@@ -101,30 +99,17 @@ def load_task(
 
     if validation_size is not None:
         train, evals, task = carve_validation(task, train, evals, validation_size, split_seed)
-    full_sizes = {"train": len(train), **{split: len(exs) for split, exs in evals.items()}}
-    if train_size is not None:
-        train = subsample(train, train_size, seed, f"{task.name} train_size")
-    if eval_size is not None:
-        evals = {
-            split: exs
-            if eval_size >= len(exs)
-            else subsample(exs, eval_size, split_seed, f"{task.name} {split} eval_size")
-            for split, exs in evals.items()
-        }
-    split_info: dict[str, Any] = {
-        "task": task.name,
-        "source": source,
-        "seed": seed,
-        "split_seed": split_seed,
-        "train_size": train_size,
-        "eval_size": eval_size,
-        "validation_size": validation_size,
-        "selection_split": task.eval_splits[0],
-        "full_sizes": full_sizes,
-        "sizes": {"train": len(train), **{split: len(exs) for split, exs in evals.items()}},
-        "sha256": {"train": fingerprint(train), **{s: fingerprint(e) for s, e in evals.items()}},
-    }
-    return TaskData(task, train, evals, split_info)
+    return subsampled_task_data(
+        task,
+        train,
+        evals,
+        source=source,
+        seed=seed,
+        split_seed=split_seed,
+        train_size=train_size,
+        eval_size=eval_size,
+        validation_size=validation_size,
+    )
 
 
 def get_task(name: str) -> TaskSpec | CausalTaskSpec:

@@ -32,7 +32,7 @@ from typing import Any
 from increlora import assets
 from increlora.config import ConfigError
 from increlora.tasks.offline import held_out_split
-from increlora.tasks.registry import TaskData, subsample
+from increlora.tasks.registry import TaskData, subsampled_task_data
 
 GENERATION_METRICS = ("exact_match", "f1", "loss", "perplexity")
 """Metrics of a causal-LM eval split: SQuAD exact match / token F1 of greedy generations
@@ -396,31 +396,16 @@ def load_causal_task(
         train, evals, source = _load_offline(
             task, data_dir, split_seed, validation_size, downloader
         )
-    full_sizes = {"train": len(train), **{split: len(exs) for split, exs in evals.items()}}
-    if train_size is not None:
-        train = subsample(train, train_size, seed, f"{task.name} train_size")
-    if eval_size is not None:
-        evals = {
-            split: exs
-            if eval_size >= len(exs)
-            else subsample(exs, eval_size, split_seed, f"{task.name} {split} eval_size")
-            for split, exs in evals.items()
-        }
-    split_info: dict[str, Any] = {
-        "task": task.name,
-        "kind": task.kind,
-        "source": source,
-        "seed": seed,
-        "split_seed": split_seed,
-        "train_size": train_size,
-        "eval_size": eval_size,
-        "validation_size": validation_size,
-        "selection_split": task.eval_splits[0],
-        "full_sizes": full_sizes,
-        "sizes": {"train": len(train), **{split: len(exs) for split, exs in evals.items()}},
-        "sha256": {
-            "train": fingerprint_causal(train),
-            **{s: fingerprint_causal(e) for s, e in evals.items()},
-        },
-    }
-    return TaskData(task, train, evals, split_info)  # type: ignore[arg-type]
+    return subsampled_task_data(
+        task,
+        train,
+        evals,
+        source=source,
+        seed=seed,
+        split_seed=split_seed,
+        train_size=train_size,
+        eval_size=eval_size,
+        validation_size=validation_size,
+        fingerprint_of=fingerprint_causal,
+        kind=task.kind,
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,3 +210,49 @@ def subsample(examples: list[Example], size: int, seed: int, what: str) -> list[
         raise ValueError(f"{what}: asked for {size} examples but only {len(examples)} exist")
     chosen = np.sort(np.random.default_rng(seed).permutation(len(examples))[:size])
     return [examples[i] for i in chosen]
+
+
+def subsampled_task_data(
+    task: Any,
+    train: list,
+    evals: dict[str, list],
+    *,
+    source: dict[str, Any],
+    seed: int,
+    split_seed: int,
+    train_size: int | None,
+    eval_size: int | None,
+    validation_size: int | None,
+    fingerprint_of: Callable[[list], str] = fingerprint,
+    kind: str | None = None,
+) -> TaskData:
+    """Apply ``train_size`` (run seed) and ``eval_size`` (split seed) and record the split:
+    sizes before and after, seeds and a fingerprint of every split (any task kind)."""
+    full_sizes = {"train": len(train), **{split: len(exs) for split, exs in evals.items()}}
+    if train_size is not None:
+        train = subsample(train, train_size, seed, f"{task.name} train_size")
+    if eval_size is not None:
+        evals = {
+            split: exs
+            if eval_size >= len(exs)
+            else subsample(exs, eval_size, split_seed, f"{task.name} {split} eval_size")
+            for split, exs in evals.items()
+        }
+    split_info: dict[str, Any] = {
+        "task": task.name,
+        **({"kind": kind} if kind is not None else {}),
+        "source": source,
+        "seed": seed,
+        "split_seed": split_seed,
+        "train_size": train_size,
+        "eval_size": eval_size,
+        "validation_size": validation_size,
+        "selection_split": task.eval_splits[0],
+        "full_sizes": full_sizes,
+        "sizes": {"train": len(train), **{split: len(exs) for split, exs in evals.items()}},
+        "sha256": {
+            "train": fingerprint_of(train),
+            **{s: fingerprint_of(e) for s, e in evals.items()},
+        },
+    }
+    return TaskData(task, train, evals, split_info)
