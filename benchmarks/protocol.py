@@ -8,7 +8,9 @@
 3. Writes FINAL_SPEC with every ``learning_rate: sweep`` replaced by that choice to
    ``<final output_dir>/spec.resolved.yaml`` (with a comment per choice) and runs it.
 4. With ``--results DIR``, copies the small per-run summaries of the sweep and final benches
-   into ``DIR/<bench>`` after each bench, so finished runs can be committed as they land.
+   into ``DIR/<bench>`` after each bench, so finished runs can be committed as they land;
+   and before running, restores the runs already summarised in ``DIR/<bench>`` into the
+   bench's output directory, so a fresh clone resumes from the committed results.
 
 Interrupt it at any time and run the same command again to continue.
 """
@@ -25,7 +27,7 @@ import yaml
 
 from increlora.runner.bench import run_bench
 from increlora.runner.config import read_yaml
-from increlora.runner.report import collect, save_summaries
+from increlora.runner.report import collect, restore_summaries, save_summaries
 
 
 def choose_learning_rates(sweep_dirs: list[Path]) -> dict[str, tuple[float, dict[float, float]]]:
@@ -74,6 +76,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.results:
             save_summaries(directory, Path(args.results) / directory.name)
 
+    if args.results:
+        for spec in args.specs:
+            restored = restore_summaries(Path(args.results) / _out(spec).name, _out(spec))
+            if restored:
+                print(
+                    f"protocol: {_out(spec)}: {restored} finished runs restored from"
+                    f" {Path(args.results) / _out(spec).name}",
+                    file=sys.stderr,
+                )
     for spec in sweeps:
         failed += len(run_bench(spec)["failed"])
         publish(_out(spec))

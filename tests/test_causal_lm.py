@@ -478,6 +478,37 @@ def test_peft_and_merged_exports_generate_what_the_run_generated(
         assert _greedy(merged, merged_tokenizer, causal_run, split) == tokens, split
 
 
+def test_base_model_evaluation_is_the_plain_base_models(
+    causal_run: Path, tiny_llama_dir: Path
+) -> None:
+    """metrics.json base_model = a plain transformers model of the base checkpoint, greedy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from increlora.runner.generation import decode_generation
+    from increlora.tasks.generation_metrics import generation_scores
+
+    metrics = json.loads((causal_run / "metrics.json").read_text())
+    base = metrics["base_model"]["metrics"]
+    assert set(base) == {"validation", "test"}
+    assert metrics["base_model"]["main"] == base["validation"]["exact_match"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    config = json.loads((causal_run / "run_config.json").read_text())
+    data = load_task("jsonl", config["data"]["data_dir"])
+    for split in ("validation", "test"):
+        with torch.no_grad():
+            generated = _greedy(plain, tokenizer, causal_run, split)
+        predictions = [decode_generation(tokenizer, generated[i]) for i in sorted(generated)]
+        references = [data.evals[split][i].references for i in sorted(generated)]
+        expected = generation_scores(predictions, references)
+        assert base[split]["exact_match"] == pytest.approx(expected["exact_match"])
+        assert base[split]["f1"] == pytest.approx(expected["f1"])
+    # the trained adapter moved away from the base model
+    assert base["validation"]["loss"] != metrics["best"]["metrics"]["validation"]["loss"]
+    records = [json.loads(x) for x in (causal_run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "eval_base"] == [0]
+
+
 def test_evaluate_reproduces_the_run_metrics(causal_run: Path, capsys) -> None:
     metrics = json.loads((causal_run / "metrics.json").read_text())
     best = metrics["best"]["metrics"]
@@ -505,6 +536,7 @@ def test_a_causal_run_learns_to_answer(tiny_llama_dir: Path, tmp_path: Path) -> 
     assert cli.main([*args, "--output-dir", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["best"]["metrics"]["validation"]["exact_match"] >= 0.8
+    assert metrics["base_model"]["metrics"]["validation"]["exact_match"] == 0.0
 
 
 def test_causal_run_stopped_and_resumed_equals_the_uninterrupted_run(
@@ -516,6 +548,17 @@ def test_causal_run_stopped_and_resumed_equals_the_uninterrupted_run(
     assert not (out / "metrics.json").exists()
     assert cli.main(["train", "--resume", "--output-dir", str(out)]) == 0
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (causal_run, out))
-    for key in ("final", "best", "ranks", "trainable_params", "steps"):
+    for key in ("final", "best", "base_model", "ranks", "trainable_params", "steps"):
         assert a[key] == b[key], key
     assert (causal_run / "samples.jsonl").read_text() == (out / "samples.jsonl").read_text()
+
+
+def test_base_model_evaluation_leaves_training_unchanged(
+    causal_run: Path, tiny_llama_dir: Path, jsonl_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "no-base"
+    assert cli.main([*causal_args(tiny_llama_dir, jsonl_dir, out), "--no-eval-base"]) == 0
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (causal_run, out))
+    assert "base_model" in a and "base_model" not in b
+    for key in ("final", "best", "ranks", "steps"):
+        assert a[key] == b[key], key

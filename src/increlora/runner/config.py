@@ -113,6 +113,11 @@ class TrainConfig:
         "Export the adapter of the best evaluation (main metric of the first eval split);"
         " false: export the final one.",
     )
+    eval_base: bool = option(
+        True,
+        "Causal-LM tasks: also evaluate the base model (adapters off) once before training,"
+        " on every eval split; metrics.json base_model, and the gain is printed at the end.",
+    )
     seed: int = option(0, "Seed of everything random in the run (head init, data order, dropout).")
     report_to: list[str] = option(
         [],

@@ -9,6 +9,7 @@ checkpoint that ``--resume`` continues bit-exactly (same data order, RNG and gro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -160,6 +161,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self.best: dict[str, Any] | None = None
         self.last_eval: dict[str, Any] | None = None
+        self.base_eval: dict[str, Any] | None = None  # causal LM: the base model's metrics
         self.exported_step: int | None = None
         self.peft_error: str | None = None
         self.prior_elapsed = 0.0
@@ -268,6 +270,7 @@ class Trainer:
             for key in ("step", "epoch", "batch_in_epoch", "exported_step"):
                 setattr(self, key, extra[key])
             self.best, self.last_eval = extra["best"], extra["last_eval"]
+            self.base_eval = extra.get("base_eval")
             self.peft_error = extra["peft_error"]
             self.prior_elapsed, self.train_time = extra["elapsed_s"], extra["train_time_s"]
             self.loss_window = list(extra["loss_window"])
@@ -295,6 +298,8 @@ class Trainer:
     def train(self) -> RunResult:
         with _Signals() as signals:
             try:
+                if self.generation is not None and self.config.train.eval_base:
+                    self._evaluate_base()
                 stopped = self._loop(signals)
             except KeyboardInterrupt:
                 signals.stopping = True
@@ -449,6 +454,25 @@ class Trainer:
         )
 
     # -------------------------------------------------------------- eval and saving
+    def _evaluate_base(self) -> None:
+        """The base model's generation metrics, once, before the first step (never on resume).
+
+        Adapters are switched off; full fine-tuning has none, but at step 0 its weights are
+        still the base model's. Greedy decoding draws no random numbers, so the run's random
+        stream is the same with and without this evaluation.
+        """
+        if self.base_eval is not None or self.step != 0:
+            return
+        self.busy = "evaluation of the base model"
+        off = contextlib.nullcontext() if self.config.method.name == "full" else None
+        with off or self.adapted.disabled():
+            metrics = self.generation.evaluate(self.model, self.eval_loaders, self.accelerator, 0)
+        task = self.data.task
+        self.base_eval = {"metrics": metrics, "main": main_metric(task, metrics)}
+        self.log.write({"event": "eval_base", "step": 0, "metrics": metrics})
+        self._say(f"base model (adapters off): {task.main_metric} {self.base_eval['main']:.4f}")
+        self.busy = None
+
     def _evaluate(self) -> None:
         """Evaluate, export the adapter if it is the best so far, checkpoint."""
         self.busy = "evaluation and saving"
@@ -518,6 +542,7 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "best": self.best,
             "last_eval": self.last_eval,
+            "base_eval": self.base_eval,
             "exported_step": self.exported_step,
             "peft_error": self.peft_error,
             "loss_window": list(self.loss_window),
@@ -567,6 +592,7 @@ class Trainer:
             "eval_split": task.eval_splits[0],
             "final": self.last_eval,
             "best": self.best,
+            **({"base_model": self.base_eval} if self.base_eval is not None else {}),
             "adapter": {
                 "step": self.exported_step,
                 "selected": "best" if self.config.train.select_best else "final",

@@ -212,6 +212,15 @@ def format_summary(metrics: dict[str, Any], out: Path) -> str:
         f"    final {name} {final['metrics'][split][name]:.4f} (step {final['step']})",
         f"  trainable parameters {metrics['trainable_params']:,}",
     ]
+    base = metrics.get("base_model")
+    if base is not None:
+        exported = best if metrics["adapter"]["selected"] == "best" else final
+        gains = ", ".join(
+            f"{s} {base['metrics'][s][name]:.4f} -> {exported['metrics'][s][name]:.4f}"
+            for s in base["metrics"]
+            if s in exported["metrics"]
+        )
+        lines.append(f"  {name} of the base model (adapters off) -> the adapter: {gains}")
     if ranks:
         values = list(ranks.values())
         lines.append(

@@ -125,6 +125,27 @@ def save_summaries(runs_dir: str | Path, destination: str | Path) -> int:
     return count
 
 
+def restore_summaries(summaries_dir: str | Path, runs_dir: str | Path) -> int:
+    """The reverse of save_summaries: seed a runs directory from committed summaries.
+
+    Only runs that ``runs_dir`` does not already hold as finished are copied, so a fresh clone
+    resumes a benchmark from ``results/`` instead of re-running what already finished there.
+    """
+    summaries_dir, runs_dir = Path(summaries_dir), Path(runs_dir)
+    if not summaries_dir.is_dir():
+        return 0
+    count = 0
+    for metrics in sorted(summaries_dir.rglob(O.METRICS)):
+        target = runs_dir / metrics.parent.relative_to(summaries_dir)
+        if (target / O.METRICS).is_file() or not (metrics.parent / O.RUN_CONFIG).is_file():
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        for name in (O.RUN_CONFIG, O.METRICS):  # metrics.json last: it marks a finished run
+            shutil.copyfile(metrics.parent / name, target / name)
+        count += 1
+    return count
+
+
 # ------------------------------------------------------------------------ statistics
 def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
