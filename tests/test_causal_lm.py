@@ -562,3 +562,61 @@ def test_base_model_evaluation_leaves_training_unchanged(
     assert "base_model" in a and "base_model" not in b
     for key in ("final", "best", "ranks", "steps"):
         assert a[key] == b[key], key
+
+
+def test_a_gguf_loaded_model_becomes_plain_so_the_merged_export_saves(tmp_path: Path) -> None:
+    """transformers keeps its GGUF "quantizer" on a model whose weights it has dequantized;
+    save_pretrained then refuses it. The loader turns such a model into a plain one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.quantizers.auto import get_hf_quantizer
+
+    from increlora.runner.model import _as_plain_model
+
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
+    # what from_pretrained(..., gguf_file=...) attaches (transformers' own quantizer object)
+    quantizer, model.config, *_ = get_hf_quantizer(model.config, None, None, True, {}, "m.gguf")
+    model.hf_quantizer, model.is_quantized = quantizer, True
+    model.config.quantization_config = quantizer.quantization_config
+    with pytest.raises(ValueError, match="gguf"):
+        model.save_pretrained(tmp_path / "refused")
+    plain = _as_plain_model(model)
+    plain.save_pretrained(tmp_path / "saved")
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "saved")
+    assert getattr(reloaded.config, "quantization_config", None) is None
+    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(
+    causal_run: Path, tiny_llama_dir: Path, jsonl_dir: Path, tmp_path: Path
+) -> None:
+    """Recomputing activations re-runs each layer's forward in the backward pass: IncreLoRA's
+    task-gradient capture must still see each step once (same scores, ranks and metrics)."""
+    out = tmp_path / "checkpointed"
+    args = [*causal_args(tiny_llama_dir, jsonl_dir, out), "--gradient-checkpointing"]
+    assert cli.main(args) == 0
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (causal_run, out))
+    assert a["ranks"] == b["ranks"]
+    for split, scores in a["final"]["metrics"].items():
+        for name, value in scores.items():
+            assert b["final"]["metrics"][split][name] == pytest.approx(value, rel=1e-4), name
+
+    def growth(run: Path) -> list[dict]:
+        records = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+        return [r for r in records if r["event"] == "growth"]
+
+    grown_a, grown_b = growth(causal_run), growth(out)
+    assert len(grown_a) == len(grown_b) > 0
+    for x, y in zip(grown_a, grown_b):
+        assert [g["module"] for g in x["grown"]] == [g["module"] for g in y["grown"]]
+        for name, score in x["scores"].items():
+            assert y["scores"][name] == pytest.approx(score, rel=1e-3, abs=1e-12), name

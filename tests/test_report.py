@@ -77,6 +77,36 @@ def test_summaries_copy_only_the_small_files(tmp_path):
     assert [r.bench for r in report.collect(tmp_path / "results")] == ["bench"]
 
 
+def test_restore_summaries_seeds_only_the_runs_a_runs_dir_lacks(tmp_path):
+    for seed in (0, 1):
+        _write_run(tmp_path, "lora", 1e-3, seed, val=0.8, test=0.7)
+    assert report.save_summaries(tmp_path / "bench", tmp_path / "results" / "bench") == 2
+    runs = tmp_path / "runs" / "bench"
+    finished = runs / "method=lora-lr0.001" / "seed=0"
+    finished.mkdir(parents=True)
+    (finished / "metrics.json").write_text('{"mine": 1}')
+    assert report.restore_summaries(tmp_path / "results" / "bench", runs) == 1
+    assert (finished / "metrics.json").read_text() == '{"mine": 1}'  # never overwritten
+    restored = runs / "method=lora-lr0.001" / "seed=1"
+    assert sorted(p.name for p in restored.iterdir()) == ["metrics.json", "run_config.json"]
+    assert report.restore_summaries(tmp_path / "nowhere", runs) == 0
+
+
+def test_base_model_score_of_causal_runs_is_reported(tmp_path):
+    for seed in (1, 2):
+        _write_run(tmp_path, "lora", 1e-3, seed, val=0.6, test=0.55)
+        path = next((tmp_path / "bench").glob(f"*/seed={seed}/metrics.json"))
+        metrics = json.loads(path.read_text())
+        metrics["base_model"] = {
+            "metrics": {"validation": {"accuracy": 0.1}, "test": {"accuracy": 0.05}}
+        }
+        path.write_text(json.dumps(metrics))
+    runs = report.collect(tmp_path)
+    assert [r.base_test for r in runs] == [0.05, 0.05]
+    text = report.write_report(tmp_path, tmp_path / "r.md").read_text()
+    assert "The base model (adapters off) scores 0.050 test accuracy" in text
+
+
 def test_validation_is_carved_from_train_and_the_eval_split_becomes_test():
     task = get_task("mr")
     train = [Example(f"t{i}", None, i % 2) for i in range(100)]

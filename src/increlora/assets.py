@@ -23,7 +23,6 @@ import ast
 import base64
 import collections
 import contextlib
-import hashlib
 import html.parser
 import http.client
 import json
@@ -47,7 +46,7 @@ from typing import IO
 
 from tqdm.auto import tqdm
 
-from .io import atomic_write_text
+from .io import atomic_write_text, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -172,12 +171,8 @@ def _progress(total: int | None, desc: str) -> tqdm:
 
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle, _progress(path.stat().st_size, f"sha256 {path.name}") as bar:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-            bar.update(len(chunk))
-    return digest.hexdigest()
+    with _progress(path.stat().st_size, f"sha256 {path.name}") as bar:
+        return file_sha256(path, bar.update)
 
 
 def pip_download(name: str, version: str, dest_dir: Path, *, sdist: bool = False) -> Path:

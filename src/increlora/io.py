@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +88,20 @@ DATA_SHA256_KEY = "increlora.data_sha256"
 _HASH_CHUNK = 1 << 20
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a whole file."""
+def _sha256_rest(handle: Any, on_chunk: Callable[[int], Any] | None = None) -> str:
+    """Hex sha256 of what is left to read in ``handle``, in chunks (``on_chunk(bytes)``)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
+    while chunk := handle.read(_HASH_CHUNK):
+        digest.update(chunk)
+        if on_chunk is not None:
+            on_chunk(len(chunk))
     return digest.hexdigest()
+
+
+def file_sha256(path: str | Path, on_chunk: Callable[[int], Any] | None = None) -> str:
+    """Hex sha256 of a whole file; ``on_chunk(bytes)`` after each chunk (a progress bar)."""
+    with open(path, "rb") as handle:
+        return _sha256_rest(handle, on_chunk)
 
 
 def _safetensors_header_length(handle: Any, path: Path) -> int:
@@ -108,12 +115,9 @@ def _safetensors_header_length(handle: Any, path: Path) -> int:
 def safetensors_data_sha256(path: str | Path) -> str:
     """Hex sha256 of a safetensors file's tensor data (the bytes after its header)."""
     path = Path(path)
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
         handle.seek(8 + _safetensors_header_length(handle, path))
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return _sha256_rest(handle)
 
 
 def safetensors_metadata(path: str | Path) -> dict[str, str]:

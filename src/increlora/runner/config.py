@@ -104,6 +104,11 @@ class TrainConfig:
     mixed_precision: MixedPrecision = option(
         "no", "'no', 'fp16' or 'bf16' (accelerate's autocast; adapters stay fp32)."
     )
+    gradient_checkpointing: bool = option(
+        False,
+        "Recompute activations in the backward pass instead of storing them (transformers'"
+        " non-reentrant checkpointing): less memory for long sequences, ~30% more compute.",
+    )
     eval_every: int | None = option(
         None, "Evaluate (and checkpoint) every this many optimizer steps; None: every epoch."
     )
@@ -459,7 +464,7 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-BUILTIN_CONFIGS = ("default", "cpu_bench")
+BUILTIN_CONFIGS = ("default", "default_lm", "cpu_bench")
 """YAML files shipped in ``increlora/configs`` (also under ``configs/`` in the repository)."""
 
 
@@ -494,20 +499,31 @@ def default_run_dict() -> dict[str, Any]:
     return merge(RunConfig().to_dict(), read_yaml("default"))
 
 
-def is_default_job(task: str | None, data_dir: str | None) -> bool:
-    """Whether a run is the default job: its task (None: not set) from the built-in source.
+LM_JOB_TASKS = ("qasc", "winogrande")
+"""Built-in causal-LM tasks whose runs start from the language-model job (default_lm.yaml)."""
 
-    Only then do the default job's own settings (``train_size``, ``max_length``,
-    ``eval_every`` of ``configs/default.yaml``) apply; a user's task or data folder starts
-    from the dataclass defaults (all training data, every epoch evaluated).
+
+def builtin_job(task: str | None, data_dir: str | None) -> str | None:
+    """The built-in job a run starts from: ``default``, ``default_lm`` or None.
+
+    ``default`` (configs/default.yaml) for the default job's task (or no task) from the
+    built-in source; ``default_lm`` (configs/default_lm.yaml: SmolLM2 and CPU-sized settings)
+    for the built-in causal-LM tasks. Only then do a job's own settings (``train_size``,
+    ``max_length``, ``eval_every`` ...) apply; any other task, or any data folder, starts from
+    the dataclass defaults (all training data, every epoch evaluated).
     """
+    if data_dir is not None:
+        return None
     demo_task = (read_yaml("default").get("data") or {}).get("task", DataConfig.task)
-    return (task is None or task == demo_task) and data_dir is None
+    if task is None or task == demo_task:
+        return "default"
+    return "default_lm" if task in LM_JOB_TASKS else None
 
 
 def base_run_dict(task: str | None, data_dir: str | None) -> dict[str, Any]:
-    """What a run's YAML and options are merged onto (see :func:`is_default_job`)."""
-    return default_run_dict() if is_default_job(task, data_dir) else RunConfig().to_dict()
+    """What a run's YAML and options are merged onto (see :func:`builtin_job`)."""
+    job = builtin_job(task, data_dir)
+    return merge(RunConfig().to_dict(), read_yaml(job)) if job else RunConfig().to_dict()
 
 
 @dataclass(frozen=True)

@@ -117,28 +117,31 @@ class PadCollator:
         return {**batch, "labels": labels}
 
 
+def seeded_loader(
+    dataset: Any, batch_size: int, collate_fn: Any, sampler: Any = None, seed: int = 0
+) -> DataLoader:
+    """Every DataLoader of a run: in order (or the sampler's order), with its own generator.
+
+    Its own generator: creating an iterator must not draw from the global RNG, or a resumed
+    run's dropout masks would differ from the uninterrupted run's.
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        collate_fn=collate_fn,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
 def train_loader(
     dataset: TokenizedDataset, tokenizer: Any, batch_size: int, seed: int
 ) -> tuple[DataLoader, EpochSampler]:
     """The training DataLoader and its sampler (call ``sampler.set_epoch`` each epoch)."""
     sampler = EpochSampler(len(dataset), seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        collate_fn=PadCollator(tokenizer),
-        # Its own generator: creating an iterator must not draw from the global RNG, or a
-        # resumed run's dropout masks would differ from the uninterrupted run's.
-        generator=torch.Generator().manual_seed(seed),
-    )
-    return loader, sampler
+    return seeded_loader(dataset, batch_size, PadCollator(tokenizer), sampler, seed), sampler
 
 
 def eval_loader(dataset: TokenizedDataset, tokenizer: Any, batch_size: int) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        collate_fn=PadCollator(tokenizer),
-        generator=torch.Generator(),
-    )
+    return seeded_loader(dataset, batch_size, PadCollator(tokenizer))

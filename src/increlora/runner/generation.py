@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..io import atomic_write_text
 from ..tasks.causal_lm import CausalTaskSpec, PromptResponse
 from ..tasks.generation_metrics import best_over_references, generation_scores
-from .data import EpochSampler
+from .data import EpochSampler, seeded_loader
 
 IGNORE_INDEX = -100
 SAMPLES = "samples.jsonl"
@@ -171,24 +171,12 @@ def causal_train_loader(
 ) -> tuple[DataLoader, LengthGroupedSampler]:
     """The training DataLoader (length-grouped, right-padded) and its sampler."""
     sampler = LengthGroupedSampler(dataset.lengths(), batch_size, seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        collate_fn=CausalCollator(pad_token_id),
-        generator=torch.Generator().manual_seed(seed),
-    )
-    return loader, sampler
+    collate = CausalCollator(pad_token_id)
+    return seeded_loader(dataset, batch_size, collate, sampler, seed), sampler
 
 
 def causal_eval_loader(dataset: CausalLMDataset, pad_token_id: int, batch_size: int) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        collate_fn=CausalCollator(pad_token_id, generation=True),
-        generator=torch.Generator(),
-    )
+    return seeded_loader(dataset, batch_size, CausalCollator(pad_token_id, generation=True))
 
 
 @torch.no_grad()

@@ -75,6 +75,7 @@ def load_model(name: str, task: TaskSpec) -> LoadedModel:
             raise ModelLoadError(f"tokenizer of {name!r} has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
+    model = _as_plain_model(model)
     return LoadedModel(model, tokenizer, resolved, _trained_modules(model, info))
 
 
@@ -88,6 +89,21 @@ def _load_error(what: str, name: str, path: str, err: Exception) -> ModelLoadErr
         f" Pass a built-in alias ({', '.join(MODEL_ALIASES)}), a folder written by"
         " save_pretrained, or a hub id reachable from this machine."
     )
+
+
+def _as_plain_model(model: nn.Module) -> nn.Module:
+    """Forget that weights came from a GGUF file: transformers dequantizes them to plain
+    float tensors on load but keeps the GGUF "quantizer", which makes ``save_pretrained``
+    (the merged export) refuse the model. What is left is an ordinary model."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and str(getattr(method, "value", method)) == "gguf":
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.quantization_method = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
 
 
 def load_causal_lm(name: str) -> LoadedModel:
@@ -122,6 +138,7 @@ def load_causal_lm(name: str) -> LoadedModel:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         if model.generation_config.eos_token_id is None:
             model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model = _as_plain_model(model)
     trained = _trained_modules(model, info)
     if getattr(model.config, "tie_word_embeddings", False):
         trained = [n for n in trained if n != "lm_head"]

@@ -152,12 +152,22 @@ def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``'train.seed: 0 -> 1'`` for every field that differs, except RESUMABLE_CHANGES."""
+    """``'train.seed: 0 -> 1'`` for every field that differs, except RESUMABLE_CHANGES.
+
+    A field the saved config does not have (it was added to the package after the run was
+    saved) is no difference when the current value is that field's default: the run was
+    made under the behaviour the default keeps.
+    """
+    from .config import RunConfig
+
     a, b = _flat(saved), _flat(current)
+    defaults = _flat(RunConfig().to_dict())
     return [
         f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
         for key in sorted(set(a) | set(b))
-        if key not in RESUMABLE_CHANGES and a.get(key) != b.get(key)
+        if key not in RESUMABLE_CHANGES
+        and a.get(key) != b.get(key)
+        and not (key not in a and key in defaults and b.get(key) == defaults[key])
     ]
 
 

@@ -51,6 +51,7 @@ class RunResult:
     wall_time_s: float
     steps: int
     uniform_allocation: bool
+    base_test: float | None = None  # causal LM: the base model (adapters off) on test
 
     @property
     def cell(self) -> tuple:
@@ -103,7 +104,15 @@ def load_run(path: Path, root: Path) -> RunResult:
         wall_time_s=float(m["wall_time_s"]),
         steps=int(m["total_steps"]),
         uniform_allocation=bool(plan.get("uniform", False)),
+        base_test=_base_test(m, test_split),
     )
+
+
+def _base_test(metrics: dict[str, Any], test_split: str | None) -> float | None:
+    base = (metrics.get("base_model") or {}).get("metrics") or {}
+    if test_split is None or test_split not in base:
+        return None
+    return float(base[test_split][metrics["main_metric"]])
 
 
 def collect(directory: Path) -> list[RunResult]:
@@ -248,6 +257,13 @@ def cell_markdown(cell: tuple, runs: list[RunResult]) -> str:
             f" {','.join(map(str, row.seeds))} | {fmt(row.validation)} | {fmt(row.test)} |"
             f" {params:,.0f} | {wall:.1f} min |"
         )
+    base = [r.base_test for r in runs if r.base_test is not None]
+    if base:
+        lines += [
+            "",
+            f"The base model (adapters off) scores {fmt(sorted(set(base)))} test {metric} on"
+            f" the same examples (measured by {len(base)} run{'s' if len(base) > 1 else ''}).",
+        ]
     pairs = paired(chosen)
     if pairs:
         lines += [
