@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_training_state, remove_stale_writes, save_training_state
+from ..config import ConfigError
 from ..export import EmptyAdapterError
 from ..io import atomic_write_json, read_json
 from ..methods import get_method
