@@ -477,6 +477,8 @@ def test_help_lists_every_documented_option(capsys) -> None:
         "--output-dir",
         "--resume",
         "--mixed-precision",
+        "--gradient-checkpointing",
+        "--eval-base",
     ):
         assert flag in text
     for command in ("evaluate", "export", "bench", "report"):

@@ -107,7 +107,7 @@ class TrainConfig:
     gradient_checkpointing: bool = option(
         False,
         "Recompute activations in the backward pass instead of storing them (transformers'"
-        " non-reentrant checkpointing): less memory for long sequences, ~30% more compute.",
+        " non-reentrant checkpointing): less memory for long sequences, about a third more compute.",
     )
     eval_every: int | None = option(
         None, "Evaluate (and checkpoint) every this many optimizer steps; None: every epoch."
