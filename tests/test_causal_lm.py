@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 from increlora import cli
 from increlora.tasks import CausalFormatError, get_task, load_task
@@ -567,21 +568,12 @@ def test_base_model_evaluation_leaves_training_unchanged(
 def test_a_gguf_loaded_model_becomes_plain_so_the_merged_export_saves(tmp_path: Path) -> None:
     """transformers keeps its GGUF "quantizer" on a model whose weights it has dequantized;
     save_pretrained then refuses it. The loader turns such a model into a plain one."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
     from transformers.quantizers.auto import get_hf_quantizer
 
     from increlora.runner.model import _as_plain_model
 
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-        )
-    )
+    model = tiny_llama()
     # what from_pretrained(..., gguf_file=...) attaches (transformers' own quantizer object)
     quantizer, model.config, *_ = get_hf_quantizer(model.config, None, None, True, {}, "m.gguf")
     model.hf_quantizer, model.is_quantized = quantizer, True
