@@ -61,10 +61,16 @@ def test_paired_differences_use_the_shared_seeds(tmp_path):
         _write_run(tmp_path, "increlora", 1e-3, seed, val=0.8, test=a)
         _write_run(tmp_path, "lora", 1e-3, seed, val=0.8, test=b)
     _write_run(tmp_path, "adalora", 5e-3, 7, val=0.8, test=0.5)  # no shared seed: no pair
+    _write_run(tmp_path, "peft-lora", 1e-3, 1, val=0.8, test=0.80)  # PEFT vs our LoRA
+    _write_run(tmp_path, "sora", 1e-3, 1, val=0.8, test=0.70)  # other methods: not paired
     pairs = report.paired(report.chosen_rows(report.cell_rows(report.collect(tmp_path))))
-    assert len(pairs) == 1 and pairs[0]["reference"] == "lora"
+    assert [(p["method"], p["reference"]) for p in pairs] == [
+        ("increlora", "lora"),
+        ("peft-lora", "lora"),
+    ]
     assert pairs[0]["seeds"] == [0, 1, 2]
     assert pairs[0]["diffs"] == pytest.approx([0.02, -0.01, 0.04])
+    assert pairs[1]["seeds"] == [1] and pairs[1]["diffs"] == pytest.approx([-0.03])
 
 
 def test_summaries_copy_only_the_small_files(tmp_path):

@@ -210,13 +210,22 @@ def chosen_rows(rows: list[Row]) -> dict[str, Row]:
     return best
 
 
+def _references(name: str) -> tuple[str, ...]:
+    """What a method is paired with: IncreLoRA variants with LoRA and AdaLoRA; a PEFT
+    reference with our implementation of the same method (an implementation check)."""
+    if name.startswith("inc") or name == "increlora":
+        return REFERENCES
+    if name.startswith("peft-"):
+        return (name.removeprefix("peft-"),)
+    return ()
+
+
 def paired(rows: dict[str, Row]) -> list[dict[str, Any]]:
-    """IncreLoRA variants vs each reference, test differences on the seeds both ran."""
+    """IncreLoRA variants vs each reference (PEFT references vs ours), test differences on
+    the seeds both ran."""
     out = []
     for name, row in sorted(rows.items()):
-        if not (name.startswith("inc") or name == "increlora"):
-            continue
-        for ref in REFERENCES:
+        for ref in _references(name):
             other = rows.get(ref)
             if other is None:
                 continue
