@@ -107,5 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` with a stopped run (Ctrl-C, SIGTERM) reported in one line, not a traceback."""
+    from increlora.runner.loop import TrainingStopped
+
+    try:
+        return main(argv)
+    except TrainingStopped as err:
+        print(f"protocol: {err}; run the same command again to continue", file=sys.stderr)
+        return getattr(err, "exit_code", 1)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli())
