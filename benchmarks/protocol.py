@@ -77,12 +77,12 @@ def main(argv: list[str] | None = None) -> int:
             save_summaries(directory, Path(args.results) / directory.name)
 
     if args.results:
-        for spec in args.specs:
-            restored = restore_summaries(Path(args.results) / _out(spec).name, _out(spec))
+        for directory in sorted({_out(spec) for spec in args.specs}):
+            summaries = Path(args.results) / directory.name
+            restored = restore_summaries(summaries, directory)
             if restored:
                 print(
-                    f"protocol: {_out(spec)}: {restored} finished runs restored from"
-                    f" {Path(args.results) / _out(spec).name}",
+                    f"protocol: {directory}: {restored} finished runs restored from {summaries}",
                     file=sys.stderr,
                 )
     for spec in sweeps:
@@ -115,7 +115,7 @@ def cli(argv: list[str] | None = None) -> int:
         return main(argv)
     except TrainingStopped as err:
         print(f"protocol: {err}; run the same command again to continue", file=sys.stderr)
-        return getattr(err, "exit_code", 1)
+        return err.exit_code
 
 
 if __name__ == "__main__":

@@ -494,9 +494,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def default_run_dict() -> dict[str, Any]:
-    """The built-in default job (``configs/default.yaml``) in nested dict form."""
-    return merge(RunConfig().to_dict(), read_yaml("default"))
+def default_run_dict(job: str = "default") -> dict[str, Any]:
+    """A built-in job (``configs/default.yaml``, ``default_lm.yaml``) in nested dict form."""
+    return merge(RunConfig().to_dict(), read_yaml(job))
 
 
 LM_JOB_TASKS = ("qasc", "winogrande")
@@ -523,7 +523,7 @@ def builtin_job(task: str | None, data_dir: str | None) -> str | None:
 def base_run_dict(task: str | None, data_dir: str | None) -> dict[str, Any]:
     """What a run's YAML and options are merged onto (see :func:`builtin_job`)."""
     job = builtin_job(task, data_dir)
-    return merge(RunConfig().to_dict(), read_yaml(job)) if job else RunConfig().to_dict()
+    return default_run_dict(job) if job else RunConfig().to_dict()
 
 
 @dataclass(frozen=True)

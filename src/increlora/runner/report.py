@@ -120,12 +120,16 @@ def collect(directory: Path) -> list[RunResult]:
     return [load_run(p, directory) for p in sorted(directory.rglob(O.METRICS))]
 
 
-def save_summaries(runs_dir: str | Path, destination: str | Path) -> int:
-    """Copy metrics.json and run_config.json of every finished run (same relative paths)."""
-    runs_dir, destination = Path(runs_dir), Path(destination)
+def _copy_summaries(source: Path, destination: Path, only_missing: bool) -> int:
+    """Copy run_config.json and metrics.json of every finished run below ``source`` to the
+    same relative paths below ``destination`` (``only_missing``: runs not finished there)."""
     count = 0
-    for metrics in sorted(runs_dir.rglob(O.METRICS)):
-        target = destination / metrics.parent.relative_to(runs_dir)
+    for metrics in sorted(source.rglob(O.METRICS)):
+        target = destination / metrics.parent.relative_to(source)
+        if only_missing and (
+            (target / O.METRICS).is_file() or not (metrics.parent / O.RUN_CONFIG).is_file()
+        ):
+            continue
         target.mkdir(parents=True, exist_ok=True)
         for name in (O.RUN_CONFIG, O.METRICS):  # metrics.json last: it marks a finished run
             if (metrics.parent / name).is_file():
@@ -134,25 +138,20 @@ def save_summaries(runs_dir: str | Path, destination: str | Path) -> int:
     return count
 
 
+def save_summaries(runs_dir: str | Path, destination: str | Path) -> int:
+    """Copy metrics.json and run_config.json of every finished run (same relative paths)."""
+    return _copy_summaries(Path(runs_dir), Path(destination), only_missing=False)
+
+
 def restore_summaries(summaries_dir: str | Path, runs_dir: str | Path) -> int:
     """The reverse of save_summaries: seed a runs directory from committed summaries.
 
     Only runs that ``runs_dir`` does not already hold as finished are copied, so a fresh clone
     resumes a benchmark from ``results/`` instead of re-running what already finished there.
     """
-    summaries_dir, runs_dir = Path(summaries_dir), Path(runs_dir)
-    if not summaries_dir.is_dir():
+    if not Path(summaries_dir).is_dir():
         return 0
-    count = 0
-    for metrics in sorted(summaries_dir.rglob(O.METRICS)):
-        target = runs_dir / metrics.parent.relative_to(summaries_dir)
-        if (target / O.METRICS).is_file() or not (metrics.parent / O.RUN_CONFIG).is_file():
-            continue
-        target.mkdir(parents=True, exist_ok=True)
-        for name in (O.RUN_CONFIG, O.METRICS):  # metrics.json last: it marks a finished run
-            shutil.copyfile(metrics.parent / name, target / name)
-        count += 1
-    return count
+    return _copy_summaries(Path(summaries_dir), Path(runs_dir), only_missing=True)
 
 
 # ------------------------------------------------------------------------ statistics
