@@ -15,7 +15,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +135,36 @@ class _Signals:
             signal.signal(sig, handler)
 
 
+@dataclass
+class RunState:
+    """Everything a resumed run must get back besides weights, optimizer and schedules: the
+    progress counters and what has been measured so far. Saved whole in every checkpoint
+    (its field names are the checkpoint's keys) and restored whole on resume."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best: dict[str, Any] | None = None
+    last_eval: dict[str, Any] | None = None
+    base_eval: dict[str, Any] | None = None  # causal LM: the base model's metrics
+    exported_step: int | None = None
+    peft_error: str | None = None
+    elapsed_s: float = 0.0  # wall time of the earlier sittings (this one is added on save)
+    train_time_s: float = 0.0
+    loss_window: list[float] = field(default_factory=list)  # task losses since the last log
+
+    def saved(self, sitting_s: float) -> dict[str, Any]:
+        """The checkpoint's copy, with this sitting's ``sitting_s`` seconds counted."""
+        state = asdict(self)
+        state["elapsed_s"] = self.elapsed_s + sitting_s
+        return state
+
+    @classmethod
+    def restored(cls, saved: dict[str, Any]) -> RunState:
+        """From a checkpoint's copy; a field an older checkpoint lacks keeps its default."""
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+
+
 class Trainer:
     """One run: setup from a RunConfig, the loop, evaluation, checkpoints and outputs."""
 
@@ -156,18 +186,7 @@ class Trainer:
         self.main = self.accelerator.is_main_process
         self.tracking = Tracking(self.accelerator, train.report_to)
         self.log = O.RunLog(self.out / O.TRAIN_LOG, enabled=self.main)
-        # Progress counters, all restored from a checkpoint on resume.
-        self.step = 0
-        self.epoch = 0
-        self.batch_in_epoch = 0
-        self.best: dict[str, Any] | None = None
-        self.last_eval: dict[str, Any] | None = None
-        self.base_eval: dict[str, Any] | None = None  # causal LM: the base model's metrics
-        self.exported_step: int | None = None
-        self.peft_error: str | None = None
-        self.prior_elapsed = 0.0
-        self.train_time = 0.0
-        self.loss_window: list[float] = []  # task losses since the last train log record
+        self.state = RunState()  # restored whole from a checkpoint on resume
         self.last_checkpoint_step: int | None = None
         self.busy: str | None = None  # what is running while the state is between boundaries
 
@@ -270,17 +289,11 @@ class Trainer:
                 torch.cuda.set_rng_state_all(extra["cuda_rng"])
             if self.accelerator.scaler is not None and extra.get("scaler"):
                 self.accelerator.scaler.load_state_dict(extra["scaler"])
-            for key in ("step", "epoch", "batch_in_epoch", "exported_step"):
-                setattr(self, key, extra[key])
-            self.best, self.last_eval = extra["best"], extra["last_eval"]
-            self.base_eval = extra.get("base_eval")
-            self.peft_error = extra["peft_error"]
-            self.prior_elapsed, self.train_time = extra["elapsed_s"], extra["train_time_s"]
-            self.loss_window = list(extra["loss_window"])
-            self.last_checkpoint_step = self.step
-            self.log.truncate_after(self.step)
-            self.log.write({"event": "resume", "step": self.step})
-            self._say(f"resumed {self.out} at step {self.step}/{self.total_steps}")
+            self.state = RunState.restored(extra)
+            self.last_checkpoint_step = self.state.step
+            self.log.truncate_after(self.state.step)
+            self.log.write({"event": "resume", "step": self.state.step})
+            self._say(f"resumed {self.out} at step {self.state.step}/{self.total_steps}")
             return
         if self.main and self.log.path.exists():
             self.log.path.unlink()  # --resume before the first checkpoint: start over
@@ -318,29 +331,29 @@ class Trainer:
         self.model.train()
         progress = tqdm(
             total=self.total_steps,
-            initial=self.step,
+            initial=self.state.step,
             desc="train",
             unit="step",
             disable=None if self.main else True,
             dynamic_ncols=True,
         )
         with progress:
-            while self.step < self.total_steps:
-                self.sampler.set_epoch(self.epoch)
-                self.train_loader.set_epoch(self.epoch)
+            while self.state.step < self.total_steps:
+                self.sampler.set_epoch(self.state.epoch)
+                self.train_loader.set_epoch(self.state.epoch)
                 batches = self.train_loader
-                if self.batch_in_epoch:
+                if self.state.batch_in_epoch:
                     from accelerate import skip_first_batches
 
-                    batches = skip_first_batches(self.train_loader, self.batch_in_epoch)
-                consumed = self.batch_in_epoch
+                    batches = skip_first_batches(self.train_loader, self.state.batch_in_epoch)
+                consumed = self.state.batch_in_epoch
                 tick = time.time()
                 for batch in batches:
                     consumed += 1
                     with acc.accumulate(self.model):
                         loss = compute_loss(self.model, batch)
                         self._check_finite(loss)
-                        self.loss_window.append(float(loss.detach()))
+                        self.state.loss_window.append(float(loss.detach()))
                         acc.backward(loss + self.controller.regularization_loss())
                         if not acc.sync_gradients:
                             continue
@@ -352,33 +365,33 @@ class Trainer:
                         event = optimizer_update(self.optimizer, self.controller, self.scheduler)
                         self.optimizer.zero_grad()
                     end_of_epoch = consumed == len(self.train_loader)
-                    self.epoch, self.batch_in_epoch = (
-                        (self.epoch + 1, 0) if end_of_epoch else (self.epoch, consumed)
+                    self.state.epoch, self.state.batch_in_epoch = (
+                        (self.state.epoch + 1, 0) if end_of_epoch else (self.state.epoch, consumed)
                     )
-                    self.step += 1
-                    self.train_time += time.time() - tick
+                    self.state.step += 1
+                    self.state.train_time_s += time.time() - tick
                     progress.update(1)
                     self._log_step(event, progress)
                     self.boundary_rng = torch.get_rng_state()
                     self.busy = None
                     due = (
-                        self.step % cfg.eval_every == 0
+                        self.state.step % cfg.eval_every == 0
                         if cfg.eval_every is not None
                         else end_of_epoch
                     )
-                    if due or self.step == self.total_steps:
+                    if due or self.state.step == self.total_steps:
                         self._evaluate()
                     tick = time.time()
-                    if self.step == cfg.stop_at_step and self.step < self.total_steps:
+                    if self.state.step == cfg.stop_at_step and self.state.step < self.total_steps:
                         self._checkpoint()
                         self._say(
-                            f"stopped at step {self.step} (stop_at_step); continue with"
+                            f"stopped at step {self.state.step} (stop_at_step); continue with"
                             f" `increlora train --resume --output-dir {self.out}`"
                         )
                         return True
                     if signals.received is not None:
                         self._interrupted(signals.received)
-                    if self.step >= self.total_steps:
+                    if self.state.step >= self.total_steps:
                         break
         return False
 
@@ -387,24 +400,24 @@ class Trainer:
         if event is not None:
             self.log.write({"event": "growth", **event})
             self.tracking.growth(
-                self.step,
+                self.state.step,
                 sum(self.adapted.rank_pattern().values()),
                 self.adapted.num_trainable_parameters(),
             )
-        if self.step % self.config.train.log_every and self.step != self.total_steps:
+        if self.state.step % self.config.train.log_every and self.state.step != self.total_steps:
             return
-        window = self.loss_window
+        window = self.state.loss_window
         total_rank = sum(self.adapted.rank_pattern().values())
         record = {
             "event": "train",
-            "step": self.step,
-            "epoch": round(self.step / self.steps_per_epoch, 3),
+            "step": self.state.step,
+            "epoch": round(self.state.step / self.steps_per_epoch, 3),
             "loss": sum(window) / max(1, len(window)),
             "reg_loss": float(self.controller.regularization_loss().detach()),
             "lr": self.scheduler.get_last_lr()[0],
             "total_rank": total_rank,
             "trainable_params": self.adapted.num_trainable_parameters(),
-            "train_time_s": round(self.train_time, 3),
+            "train_time_s": round(self.state.train_time_s, 3),
         }
         window.clear()
         self.log.write(record)
@@ -423,10 +436,12 @@ class Trainer:
             if self.last_checkpoint_step is not None
             else "no checkpoint had been written yet"
         )
-        self.log.write({"event": "diverged", "step": self.step + 1, "loss": float(loss.detach())})
+        self.log.write(
+            {"event": "diverged", "step": self.state.step + 1, "loss": float(loss.detach())}
+        )
         raise TrainingDiverged(
-            f"the loss became {float(loss.detach())} at step {self.step + 1} (epoch"
-            f" {self.epoch}); training stopped and {kept}. Lower the learning rate"
+            f"the loss became {float(loss.detach())} at step {self.state.step + 1} (epoch"
+            f" {self.state.epoch}); training stopped and {kept}. Lower the learning rate"
             f" (now {self.learning_rate:g}), keep max_grad_norm set, or use fp32, and start a new"
             " run with a new --output-dir."
         )
@@ -446,12 +461,12 @@ class Trainer:
                 f" Continue with `{command}`.",
                 signum or signal.SIGINT,
             )
-        if self.step != self.last_checkpoint_step and self.step > 0:
+        if self.state.step != self.last_checkpoint_step and self.state.step > 0:
             torch.set_rng_state(self.boundary_rng)  # the RNG as the next step would find it
             self._checkpoint()
-        self.log.write({"event": "interrupt", "step": self.step, "signal": name})
+        self.log.write({"event": "interrupt", "step": self.state.step, "signal": name})
         raise TrainingInterrupted(
-            f"{name}: stopped at step {self.step}/{self.total_steps} with a checkpoint in"
+            f"{name}: stopped at step {self.state.step}/{self.total_steps} with a checkpoint in"
             f" {self.out / O.CHECKPOINT}; continue with `{command}`",
             signum or signal.SIGINT,
         )
@@ -464,16 +479,18 @@ class Trainer:
         still the base model's. Greedy decoding draws no random numbers, so the run's random
         stream is the same with and without this evaluation.
         """
-        if self.base_eval is not None or self.step != 0:
+        if self.state.base_eval is not None or self.state.step != 0:
             return
         self.busy = "evaluation of the base model"
         full = self.config.method.name == "full"
         with contextlib.nullcontext() if full else self.adapted.disabled():
             metrics = self.generation.evaluate(self.model, self.eval_loaders, self.accelerator, 0)
         task = self.data.task
-        self.base_eval = {"metrics": metrics, "main": main_metric(task, metrics)}
+        self.state.base_eval = {"metrics": metrics, "main": main_metric(task, metrics)}
         self.log.write({"event": "eval_base", "step": 0, "metrics": metrics})
-        self._say(f"base model (adapters off): {task.main_metric} {self.base_eval['main']:.4f}")
+        self._say(
+            f"base model (adapters off): {task.main_metric} {self.state.base_eval['main']:.4f}"
+        )
         self.busy = None
 
     def _evaluate(self) -> None:
@@ -482,36 +499,36 @@ class Trainer:
         task = self.data.task
         if self.generation is not None:
             metrics = self.generation.evaluate(
-                self.model, self.eval_loaders, self.accelerator, self.step
+                self.model, self.eval_loaders, self.accelerator, self.state.step
             )
         else:
             metrics = evaluate(self.model, self.eval_loaders, task, self.accelerator)
         value = main_metric(task, metrics)
-        improved = self.best is None or value > self.best["value"]
+        improved = self.state.best is None or value > self.state.best["value"]
         if improved:
-            self.best = {"step": self.step, "value": value, "metrics": metrics}
-        self.last_eval = {"step": self.step, "metrics": metrics}
+            self.state.best = {"step": self.state.step, "value": value, "metrics": metrics}
+        self.state.last_eval = {"step": self.state.step, "metrics": metrics}
         self.log.write(
             {
                 "event": "eval",
-                "step": self.step,
+                "step": self.state.step,
                 "metrics": metrics,
                 "main": value,
                 "best": improved,
             }
         )
-        self.tracking.evaluation(self.step, metrics, value)
+        self.tracking.evaluation(self.state.step, metrics, value)
         self.tracking.ranks(
             self.adapted.rank_pattern(),
-            self.step,
-            f"Rank per module at step {self.step}/{self.total_steps} ({self.config.method.name})",
+            self.state.step,
+            f"Rank per module at step {self.state.step}/{self.total_steps} ({self.config.method.name})",
         )
         self._say(
-            f"step {self.step}/{self.total_steps}: {task.main_metric} {value:.4f}"
-            f" (best {self.best['value']:.4f} at step {self.best['step']})"
+            f"step {self.state.step}/{self.total_steps}: {task.main_metric} {value:.4f}"
+            f" (best {self.state.best['value']:.4f} at step {self.state.best['step']})"
         )
         select_best = self.config.train.select_best
-        if (improved and select_best) or (not select_best and self.step == self.total_steps):
+        if (improved and select_best) or (not select_best and self.state.step == self.total_steps):
             self._export()
         self._checkpoint()
         self.busy = None
@@ -531,26 +548,16 @@ class Trainer:
                     task_type="CAUSAL_LM" if self.generation is not None else "SEQ_CLS",
                 )
             except (NotImplementedError, EmptyAdapterError) as err:
-                self.peft_error = str(err)
-        self.exported_step = self.step
+                self.state.peft_error = str(err)
+        self.state.exported_step = self.state.step
 
     def _checkpoint(self) -> None:
         """Every process calls it (sharded states are gathered); the main one writes."""
-        if self.last_checkpoint_step == self.step:
+        if self.last_checkpoint_step == self.state.step:
             return
         scaler = self.accelerator.scaler
         extra = {
-            "step": self.step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "best": self.best,
-            "last_eval": self.last_eval,
-            "base_eval": self.base_eval,
-            "exported_step": self.exported_step,
-            "peft_error": self.peft_error,
-            "loss_window": list(self.loss_window),
-            "elapsed_s": self.prior_elapsed + time.time() - self.sitting_start,
-            "train_time_s": self.train_time,
+            **self.state.saved(time.time() - self.sitting_start),
             "data_sha256": self.data.split_info["sha256"],
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "scaler": scaler.state_dict() if scaler is not None else None,
@@ -563,7 +570,7 @@ class Trainer:
             self.scheduler,
             extra,
         )
-        self.last_checkpoint_step = self.step
+        self.last_checkpoint_step = self.state.step
 
     # ------------------------------------------------------------------------ finish
     def finish(self) -> RunResult:
@@ -573,16 +580,16 @@ class Trainer:
             return RunResult(self.out, "finished")
         metrics = self._metrics()
         self._plots(metrics)
-        self.log.write({"event": "end", "step": self.step})
+        self.log.write({"event": "end", "step": self.state.step})
         atomic_write_json(self.out / O.METRICS, metrics)
         return RunResult(self.out, "finished", metrics)
 
     def _metrics(self) -> dict[str, Any]:
-        assert self.best is not None and self.last_eval is not None
+        assert self.state.best is not None and self.state.last_eval is not None
         task = self.data.task
         ranks = self.adapted.rank_pattern()
-        elapsed = self.prior_elapsed + time.time() - self.sitting_start
-        peft_ok = self.peft_error is None
+        elapsed = self.state.elapsed_s + time.time() - self.sitting_start
+        peft_ok = self.state.peft_error is None
         return {
             "status": "finished",
             "model": self.config.model,
@@ -593,25 +600,27 @@ class Trainer:
             "seed": self.config.train.seed,
             "main_metric": task.main_metric,
             "eval_split": task.eval_splits[0],
-            "final": self.last_eval,
-            "best": self.best,
-            **({"base_model": self.base_eval} if self.base_eval is not None else {}),
+            "final": self.state.last_eval,
+            "best": self.state.best,
+            **({"base_model": self.state.base_eval} if self.state.base_eval is not None else {}),
             "adapter": {
-                "step": self.exported_step,
+                "step": self.state.exported_step,
                 "selected": "best" if self.config.train.select_best else "final",
                 "peft": O.PEFT_ADAPTER if peft_ok else None,
-                "peft_unavailable": self.peft_error,
+                "peft_unavailable": self.state.peft_error,
                 "increlora": O.OWN_ADAPTER,
             },
             "trainable_params": self.adapted.num_trainable_parameters(),
             "ranks": ranks,
             "total_rank": sum(ranks.values()),
-            "steps": self.step,
+            "steps": self.state.step,
             "total_steps": self.total_steps,
             "steps_per_epoch": self.steps_per_epoch,
             "wall_time_s": round(elapsed, 2),
-            "train_time_s": round(self.train_time, 2),
-            "steps_per_second": round(self.step / self.train_time, 4) if self.train_time else None,
+            "train_time_s": round(self.state.train_time_s, 2),
+            "steps_per_second": round(self.state.step / self.state.train_time_s, 4)
+            if self.state.train_time_s
+            else None,
             "peak_memory_mb": O.peak_memory_mb(),
             "versions": O.package_versions(),
             "data": self.data.split_info,
@@ -702,7 +711,7 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
         if trainer.main:  # claimed only once the run set up: a typo must not lock the directory
             O.write_run_config(out, config.to_dict())
         trainer.restore()
-        trainer.tracking.start(config.to_dict(), trainer.step)
+        trainer.tracking.start(config.to_dict(), trainer.state.step)
         return trainer.train()
     finally:
         trainer.tracking.end()
