@@ -54,6 +54,7 @@ def test_learning_rate_is_chosen_on_validation_never_on_test(tmp_path):
     assert chosen["lora"].learning_rate == 1e-3
     text = (report.write_report(tmp_path, tmp_path / "r.md")).read_text()
     assert "| lora | 0.001 (chosen) | 0,1 | 0.800 ± 0.000 | 0.700 ± 0.000 |" in text
+    assert "4 runs, 8 minutes of run wall time in all" in text  # 4 x 120 s
 
 
 def test_paired_differences_use_the_shared_seeds(tmp_path):

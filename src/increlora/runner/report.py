@@ -338,6 +338,16 @@ def plot_bench(runs: list[RunResult], path: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------- write
+def _cost(runs: list[RunResult]) -> str:
+    """What a bench cost: its runs' summed wall time (the spec's duration, pauses included)."""
+    total = sum(r.wall_time_s for r in runs) / 60
+    hours = f" ({total / 60:.1f} h)" if total >= 90 else ""
+    return (
+        f"{len(runs)} runs, {total:.0f} minutes{hours} of run wall time in all (the sum of the"
+        " runs' wall_time_s, on whatever machine ran them).\n"
+    )
+
+
 def _bench_order(name: str) -> tuple[int, str]:
     """Headline benches (core*) first, then ablations, then sweeps and the rest."""
     rank = 0 if name.startswith("core") else 1 if name.startswith("ablation") else 2
@@ -372,6 +382,7 @@ def write_report(directory: str | Path, output: str | Path | None = None) -> Pat
     for bench, bench_runs in sorted(by_bench.items(), key=lambda kv: _bench_order(kv[0])):
         name = bench or directory.name
         parts.append(f"## {name}\n")
+        parts.append(_cost(bench_runs))
         for cell, cell_runs in cells(bench_runs).items():
             parts.append(cell_markdown(cell, cell_runs))
         plot = output.parent / f"{output.stem}_{name.replace('/', '_')}.png"
