@@ -143,6 +143,19 @@ def test_train_writes_the_output_contract(reference: Path) -> None:
     assert metrics["resolved"]["plan"]["interval"] == 2
     assert metrics["adapter"]["peft"] == "adapter"
     assert (reference / "adapter" / "adapter_config.json").is_file()
+    # The learned-nothing floor, from a plain count of the fixture's labels (column 1).
+    rows = [
+        line.split("\t") for line in (GLUE / "SST-2").joinpath("train.tsv").read_text().splitlines()
+    ]
+    dev = [
+        line.split("\t") for line in (GLUE / "SST-2").joinpath("dev.tsv").read_text().splitlines()
+    ]
+    train_labels = [int(r[1]) for r in rows[1:]]
+    majority = max(sorted(set(train_labels)), key=train_labels.count)  # ties: lower id
+    dev_labels = [int(r[1]) for r in dev[1:]]
+    assert metrics["constant_baseline"]["scores"] == {
+        "validation": pytest.approx(dev_labels.count(majority) / len(dev_labels))
+    }
 
     records = log_records(reference)
     assert records[0]["event"] == "start" and records[-1]["event"] == "end"

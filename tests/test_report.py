@@ -15,7 +15,9 @@ from increlora.tasks.registry import Example
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _write_run(root: Path, method: str, lr: float, seed: int, val: float, test: float) -> None:
+def _write_run(
+    root: Path, method: str, lr: float, seed: int, val: float, test: float, **extra
+) -> None:
     out = root / "bench" / f"method={method}-lr{lr:g}" / f"seed={seed}"
     out.mkdir(parents=True)
     config = {
@@ -39,6 +41,7 @@ def _write_run(root: Path, method: str, lr: float, seed: int, val: float, test: 
         "total_steps": 48,
         "config": config,
         "resolved": {"learning_rate": lr, "plan": None},
+        **extra,
     }
     (out / "metrics.json").write_text(json.dumps(metrics))
     (out / "run_config.json").write_text(json.dumps(config))
@@ -141,3 +144,16 @@ def test_committed_report_regenerates_from_committed_summaries(tmp_path, monkeyp
     out = report.write_report("results", tmp_path / "results.md")
     committed = (REPO / "docs" / "results.md").read_text(encoding="utf-8")
     assert out.read_text(encoding="utf-8") == committed
+
+
+def test_rows_stuck_at_the_majority_class_are_flagged(tmp_path):
+    floor = {"constant_baseline": {"prediction": "neg", "scores": {"validation": 0.596}}}
+    for seed in (0, 1):
+        _write_run(tmp_path, "lora", 1e-4, seed, val=0.596, test=0.572, **floor)
+        _write_run(tmp_path, "lora", 2e-3, seed, val=0.70 + seed / 100, test=0.68, **floor)
+    _write_run(tmp_path, "sora", 1e-4, 0, val=0.596, test=0.572)  # no floor recorded
+    text = report.write_report(tmp_path, tmp_path / "r.md").read_text()
+    assert "| lora ⚠ majority class | 0.0001 |" in text
+    assert "| lora | 0.002 (chosen) |" in text
+    assert "| sora | 0.0001 |" in text  # old runs without a recorded floor are not guessed
+    assert "⚠ majority class: on validation, no better than always predicting" in text

@@ -495,3 +495,26 @@ def test_compute_metrics_per_task() -> None:
     assert set(compute_metrics(get_task("cola"), [0, 1], [0, 1])) == {"matthews_correlation"}
     with pytest.raises(ValueError, match="equal length"):
         compute_metrics(get_task("sst2"), [0, 1, 1], [0, 1])
+
+
+def test_constant_baseline_is_the_always_majority_score_by_hand() -> None:
+    from increlora.tasks import constant_baseline
+
+    # mrpc (main metric accuracy): train majority is 1 (3 of 5), so every dev example is
+    # predicted 1: 2 of 4 right.
+    mrpc = constant_baseline(get_task("mrpc"), [1, 0, 1, 1, 0], {"validation": [1, 0, 0, 1]})
+    assert mrpc["prediction"] == get_task("mrpc").label_names[1]
+    assert mrpc["scores"] == pytest.approx({"validation": 0.5})
+    # cola (Matthews correlation): a constant prediction correlates with nothing. Ties of
+    # the train counts go to the lower class id.
+    cola = constant_baseline(get_task("cola"), [0, 1, 1, 0], {"validation": [1, 0, 1]})
+    assert cola["prediction"] == get_task("cola").label_names[0]
+    assert cola["scores"] == {"validation": 0.0}
+    # mnli, two eval splits: majority class 2 of the train labels.
+    mnli = constant_baseline(
+        get_task("mnli"), [2, 0, 2, 1, 2], {"a": [2, 2, 0, 1], "b": [0, 0, 0, 2, 1]}
+    )
+    assert mnli["scores"] == pytest.approx({"a": 0.5, "b": 0.2})
+    # Regression: the train mean, whose Pearson with anything is 0.
+    stsb = constant_baseline(get_task("stsb"), [1.0, 2.0, 4.5], {"validation": [0.5, 3.0]})
+    assert stsb["prediction"] == 2.5 and stsb["scores"] == {"validation": 0.0}

@@ -27,7 +27,7 @@ from ..config import ConfigError
 from ..export import EmptyAdapterError
 from ..io import atomic_write_json, read_json
 from ..methods import get_method
-from ..tasks import is_causal
+from ..tasks import constant_baseline, is_causal
 from . import outputs as O
 from .config import RunConfig, default_learning_rate
 from .data import TokenizedDataset, eval_loader, load_checked, train_loader
@@ -210,6 +210,13 @@ class Trainer:
             validation_size=data_cfg.validation_size,
         )
         task = self.data.task
+        self.constant = None  # classification / regression: the learned-nothing score
+        if not is_causal(task):
+            self.constant = constant_baseline(
+                task,
+                [example.label for example in self.data.train],
+                {split: [e.label for e in examples] for split, examples in self.data.evals.items()},
+            )
         self.loaded = load_model(cfg.model, task)
         self.adapted = adapt(cfg.method, self.loaded, cfg.train.seed)
         if cfg.train.gradient_checkpointing:
@@ -523,9 +530,12 @@ class Trainer:
             self.state.step,
             f"Rank per module at step {self.state.step}/{self.total_steps} ({self.config.method.name})",
         )
+        stuck = ""
+        if self.constant is not None and value <= self.constant["scores"][task.eval_splits[0]]:
+            stuck = f"; no better than always predicting {self.constant['prediction']!r}"
         self._say(
             f"step {self.state.step}/{self.total_steps}: {task.main_metric} {value:.4f}"
-            f" (best {self.state.best['value']:.4f} at step {self.state.best['step']})"
+            f" (best {self.state.best['value']:.4f} at step {self.state.best['step']}){stuck}"
         )
         select_best = self.config.train.select_best
         if (improved and select_best) or (not select_best and self.state.step == self.total_steps):
@@ -603,6 +613,7 @@ class Trainer:
             "final": self.state.last_eval,
             "best": self.state.best,
             **({"base_model": self.state.base_eval} if self.state.base_eval is not None else {}),
+            **({"constant_baseline": self.constant} if self.constant is not None else {}),
             "adapter": {
                 "step": self.state.exported_step,
                 "selected": "best" if self.config.train.select_best else "final",

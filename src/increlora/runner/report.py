@@ -52,6 +52,7 @@ class RunResult:
     steps: int
     uniform_allocation: bool
     base_test: float | None = None  # causal LM: the base model (adapters off) on test
+    constant: float | None = None  # validation score of always predicting the train majority
 
     @property
     def cell(self) -> tuple:
@@ -105,6 +106,7 @@ def load_run(path: Path, root: Path) -> RunResult:
         steps=int(m["total_steps"]),
         uniform_allocation=bool(plan.get("uniform", False)),
         base_test=_base_test(m, test_split),
+        constant=((m.get("constant_baseline") or {}).get("scores") or {}).get(selection),
     )
 
 
@@ -189,6 +191,12 @@ class Row:
     def by_seed(self) -> dict[int, RunResult]:
         return {r.seed: r for r in self.runs}
 
+    @property
+    def learned_nothing(self) -> bool:
+        """Every run scored no better on validation than always predicting one class (known
+        for runs that recorded their constant baseline)."""
+        return all(r.constant is not None and r.validation <= r.constant for r in self.runs)
+
 
 def cell_rows(runs: list[RunResult]) -> list[Row]:
     groups: dict[tuple[str, float], list[RunResult]] = defaultdict(list)
@@ -258,6 +266,7 @@ def cell_markdown(cell: tuple, runs: list[RunResult]) -> str:
     for row in rows:
         mark = " (chosen)" if row.method in several and chosen[row.method] is row else ""
         uniform = " ⚠ uniform" if any(r.uniform_allocation for r in row.runs) else ""
+        uniform += " ⚠ majority class" if row.learned_nothing else ""
         params = statistics.fmean(r.trainable_params for r in row.runs)
         wall = statistics.fmean(r.wall_time_s for r in row.runs) / 60
         lines.append(
@@ -265,6 +274,12 @@ def cell_markdown(cell: tuple, runs: list[RunResult]) -> str:
             f" {','.join(map(str, row.seeds))} | {fmt(row.validation)} | {fmt(row.test)} |"
             f" {params:,.0f} | {wall:.1f} min |"
         )
+    if any(row.learned_nothing for row in rows):
+        lines += [
+            "",
+            "⚠ majority class: on validation, no better than always predicting the training"
+            " set's most common class (the run's recorded constant baseline).",
+        ]
     base = [r.base_test for r in runs if r.base_test is not None]
     if base:
         lines += [

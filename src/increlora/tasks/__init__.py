@@ -17,7 +17,7 @@ from increlora.tasks.causal_lm import (
     load_causal_task,
 )
 from increlora.tasks.glue import GlueFormatError, load_glue_hub, load_glue_tsv
-from increlora.tasks.metrics import METRICS, compute_metrics
+from increlora.tasks.metrics import METRICS, compute_metrics, constant_baseline
 from increlora.tasks.offline import OfflineFormatError, held_out_split, load_offline
 from increlora.tasks.registry import (
     TASKS,
@@ -42,6 +42,7 @@ __all__ = [
     "TaskData",
     "TaskSpec",
     "compute_metrics",
+    "constant_baseline",
     "get_task",
     "carve_validation",
     "load_task",

@@ -106,3 +106,28 @@ def compute_metrics(task: TaskSpec, predictions: ArrayLike, labels: ArrayLike) -
     if task.is_regression:
         preds, golds = preds.astype(np.float64), golds.astype(np.float64)
     return {name: METRICS[name](preds, golds) for name in task.metrics}
+
+
+def constant_baseline(
+    task: TaskSpec, train_labels: ArrayLike, eval_labels: dict[str, ArrayLike]
+) -> dict[str, object]:
+    """What a model that has learned nothing scores: always predicting the training set's most
+    common class (ties: the lower class id; regression: the mean label), on each eval split, in
+    the task's main metric.
+
+    A run whose score equals it has not left the majority class (a learning rate too small or
+    too large, too few steps); the runner says so and the benchmark report flags such rows.
+    Returns ``{"prediction": label name or mean, "scores": {split: value}}``.
+    """
+    train = np.asarray(train_labels)
+    if task.is_regression:
+        constant: float | int = float(train.astype(np.float64).mean())
+        shown: object = round(constant, 4)
+    else:
+        constant = int(np.bincount(train.astype(np.int64), minlength=task.num_labels).argmax())
+        shown = task.label_names[constant]
+    scores = {
+        split: compute_metrics(task, np.full(len(labels), constant), labels)[task.main_metric]
+        for split, labels in eval_labels.items()
+    }
+    return {"prediction": shown, "scores": scores}
