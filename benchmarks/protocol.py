@@ -92,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     for label, (lr, means) in sorted(chosen.items()):
         curve = ", ".join(f"{k:g}: {v:.3f}" for k, v in means.items())
         print(f"protocol: {label}: lr {lr:g} chosen on validation ({curve})", file=sys.stderr)
+        if len(means) > 2 and lr in (min(means), max(means)):
+            print(
+                f"protocol: warning: {label}: {lr:g} is the grid's edge; the grid may understate"
+                " it (extend the grid one step to check)",
+                file=sys.stderr,
+            )
     spec = resolve(read_yaml(final), chosen)
     out = _out(final)
     out.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,15 @@ def test_learning_rate_is_chosen_on_validation_never_on_test(tmp_path):
     assert chosen["lora"].learning_rate == 1e-3
     text = (report.write_report(tmp_path, tmp_path / "r.md")).read_text()
     assert "| lora | 0.001 (chosen) | 0,1 | 0.800 ± 0.000 | 0.700 ± 0.000 |" in text
+    assert "grid edge" not in text  # two rates tried: no edge to speak of
     assert "4 runs, 8 minutes of run wall time in all" in text  # 4 x 120 s
+    _write_run(tmp_path, "lora", 3e-4, 0, val=0.60, test=0.60)
+    text = (report.write_report(tmp_path, tmp_path / "r.md")).read_text()
+    assert "| lora | 0.001 (chosen) |" in text  # the middle of three rates
+    _write_run(tmp_path, "lora", 1e-4, 0, val=0.90, test=0.60)
+    text = (report.write_report(tmp_path, tmp_path / "r.md")).read_text()
+    assert "| lora | 0.0001 (chosen; grid edge ⚠) |" in text
+    assert "grid edge ⚠: the chosen rate is the smallest or largest tried" in text
 
 
 def test_paired_differences_use_the_shared_seeds(tmp_path):

@@ -264,7 +264,11 @@ def cell_markdown(cell: tuple, runs: list[RunResult]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        mark = " (chosen)" if row.method in several and chosen[row.method] is row else ""
+        mark = ""
+        if row.method in several and chosen[row.method] is row:
+            tried = [r.learning_rate for r in rows if r.method == row.method]
+            edge = len(tried) > 2 and row.learning_rate in (min(tried), max(tried))
+            mark = " (chosen; grid edge ⚠)" if edge else " (chosen)"
         uniform = " ⚠ uniform" if any(r.uniform_allocation for r in row.runs) else ""
         uniform += " ⚠ majority class" if row.learned_nothing else ""
         params = statistics.fmean(r.trainable_params for r in row.runs)
@@ -274,6 +278,12 @@ def cell_markdown(cell: tuple, runs: list[RunResult]) -> str:
             f" {','.join(map(str, row.seeds))} | {fmt(row.validation)} | {fmt(row.test)} |"
             f" {params:,.0f} | {wall:.1f} min |"
         )
+    if any("grid edge" in line for line in lines):
+        lines += [
+            "",
+            "grid edge ⚠: the chosen rate is the smallest or largest tried; the grid may"
+            " understate that method (extend it one step to check).",
+        ]
     if any(row.learned_nothing for row in rows):
         lines += [
             "",
