@@ -58,6 +58,30 @@ def resolve(final_spec: dict, chosen: dict[str, tuple[float, dict[float, float]]
     return {**final_spec, "matrix": {**final_spec["matrix"], "method": methods}}
 
 
+def supersede(spec: dict, results: Path | None) -> list[str]:
+    """Remove the finished runs of ``spec`` that ran at another learning rate than the one it
+    now asks for (a sweep was extended and chose anew), with their summaries in ``results``,
+    so that they run again at the new rate. Returns the run keys removed."""
+    import shutil
+
+    from increlora.io import read_json
+    from increlora.runner.bench import expand
+
+    out = Path(spec.get("output_dir") or "runs/bench")
+    removed = []
+    for bench_run in expand(spec, out):
+        metrics = out / bench_run.key / "metrics.json"
+        wanted = bench_run.config.train.learning_rate
+        if wanted is None or not metrics.is_file():
+            continue
+        if float(read_json(metrics)["resolved"]["learning_rate"]) != wanted:
+            shutil.rmtree(out / bench_run.key)
+            if results is not None:
+                shutil.rmtree(results / out.name / bench_run.key, ignore_errors=True)
+            removed.append(bench_run.key)
+    return removed
+
+
 def _out(spec_path: str) -> Path:
     return Path(read_yaml(spec_path).get("output_dir") or "runs/bench")
 
@@ -66,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("specs", nargs="+", help="sweep spec(s), then the final spec")
     parser.add_argument("--results", help="copy run summaries to RESULTS/<bench> as they land")
+    parser.add_argument(
+        "--supersede",
+        action="store_true",
+        help="re-run final runs that finished at another learning rate than the sweeps now"
+        " choose (after a sweep was extended); their old summaries are removed",
+    )
     args = parser.parse_args(argv)
     if len(args.specs) < 2:
         parser.error("give at least one sweep spec and the final spec")
@@ -99,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
     spec = resolve(read_yaml(final), chosen)
+    if args.supersede:
+        results = Path(args.results) if args.results else None
+        for key in supersede(spec, results):
+            print(f"protocol: {key}: ran at another rate; removed to run again", file=sys.stderr)
     out = _out(final)
     out.mkdir(parents=True, exist_ok=True)
     resolved = out / "spec.resolved.yaml"
