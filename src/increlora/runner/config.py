@@ -550,7 +550,11 @@ METHOD_DEFAULTS: dict[str, MethodDefaults] = {
         2e-2, "sweep_mr500 + sweep_edge_mr500 (validation): 2e-2 0.714, 1e-2 0.684, others 0.596"
     ),
     "lora": MethodDefaults(2e-3, "sweep_mr500 (validation): 2e-3 0.736, 5e-3 0.720, others 0.596"),
-    "full": MethodDefaults(1e-4, "sweep_mr500 (validation): 1e-4 0.700, 2e-5/5e-5 0.596"),
+    "full": MethodDefaults(
+        2e-4,
+        "sweep_mr500 + sweep_edge_mr500 (validation): 2e-4 0.742, 5e-4 0.722, 1e-4 0.700,"
+        " 2e-5/5e-5 0.596",
+    ),
 }
 FALLBACK_LEARNING_RATE = METHOD_DEFAULTS["lora"].learning_rate
 """Learning rate of methods without an entry: LoRA's (the family most methods belong to)."""
