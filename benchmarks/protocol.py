@@ -27,7 +27,12 @@ import yaml
 
 from increlora.runner.bench import run_bench
 from increlora.runner.config import read_yaml
-from increlora.runner.report import collect, restore_summaries, save_summaries
+from increlora.runner.report import (
+    at_grid_edge,
+    collect,
+    restore_summaries,
+    save_summaries,
+)
 
 
 def choose_learning_rates(sweep_dirs: list[Path]) -> dict[str, tuple[float, dict[float, float]]]:
@@ -65,12 +70,13 @@ def supersede(spec: dict, results: Path | None) -> list[str]:
     import shutil
 
     from increlora.io import read_json
+    from increlora.runner import outputs as O
     from increlora.runner.bench import expand
 
     out = Path(spec.get("output_dir") or "runs/bench")
     removed = []
     for bench_run in expand(spec, out):
-        metrics = out / bench_run.key / "metrics.json"
+        metrics = out / bench_run.key / O.METRICS
         wanted = bench_run.config.train.learning_rate
         if wanted is None or not metrics.is_file():
             continue
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, (lr, means) in sorted(chosen.items()):
         curve = ", ".join(f"{k:g}: {v:.3f}" for k, v in means.items())
         print(f"protocol: {label}: lr {lr:g} chosen on validation ({curve})", file=sys.stderr)
-        if len(means) > 2 and lr in (min(means), max(means)):
+        if at_grid_edge(lr, list(means)):
             print(
                 f"protocol: warning: {label}: {lr:g} is the grid's edge; the grid may understate"
                 " it (extend the grid one step to check)",

@@ -153,11 +153,13 @@ class RunState:
     train_time_s: float = 0.0
     loss_window: list[float] = field(default_factory=list)  # task losses since the last log
 
+    def elapsed(self, sitting_s: float) -> float:
+        """Wall time of the whole run: the earlier sittings plus this one's ``sitting_s``."""
+        return self.elapsed_s + sitting_s
+
     def saved(self, sitting_s: float) -> dict[str, Any]:
         """The checkpoint's copy, with this sitting's ``sitting_s`` seconds counted."""
-        state = asdict(self)
-        state["elapsed_s"] = self.elapsed_s + sitting_s
-        return state
+        return {**asdict(self), "elapsed_s": self.elapsed(sitting_s)}
 
     @classmethod
     def restored(cls, saved: dict[str, Any]) -> RunState:
@@ -598,7 +600,7 @@ class Trainer:
         assert self.state.best is not None and self.state.last_eval is not None
         task = self.data.task
         ranks = self.adapted.rank_pattern()
-        elapsed = self.state.elapsed_s + time.time() - self.sitting_start
+        elapsed = self.state.elapsed(time.time() - self.sitting_start)
         peft_ok = self.state.peft_error is None
         return {
             "status": "finished",

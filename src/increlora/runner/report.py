@@ -217,6 +217,12 @@ def chosen_rows(rows: list[Row]) -> dict[str, Row]:
     return best
 
 
+def at_grid_edge(learning_rate: float, tried: list[float]) -> bool:
+    """The chosen rate is the smallest or largest of a grid of three or more: the grid may
+    understate the method (two rates have no inside to speak of)."""
+    return len(set(tried)) > 2 and learning_rate in (min(tried), max(tried))
+
+
 def _references(name: str) -> tuple[str, ...]:
     """What a method is paired with: IncreLoRA variants with LoRA and AdaLoRA; a PEFT
     reference with our implementation of the same method (an implementation check)."""
@@ -263,11 +269,13 @@ def cell_markdown(cell: tuple, runs: list[RunResult]) -> str:
         "| method | lr | seeds | validation | test | trainable params | time / run |",
         "|---|---|---|---|---|---|---|",
     ]
+    any_edge = False
     for row in rows:
         mark = ""
         if row.method in several and chosen[row.method] is row:
             tried = [r.learning_rate for r in rows if r.method == row.method]
-            edge = len(tried) > 2 and row.learning_rate in (min(tried), max(tried))
+            edge = at_grid_edge(row.learning_rate, tried)
+            any_edge = any_edge or edge
             mark = " (chosen; grid edge ⚠)" if edge else " (chosen)"
         uniform = " ⚠ uniform" if any(r.uniform_allocation for r in row.runs) else ""
         uniform += " ⚠ majority class" if row.learned_nothing else ""
@@ -278,7 +286,7 @@ def cell_markdown(cell: tuple, runs: list[RunResult]) -> str:
             f" {','.join(map(str, row.seeds))} | {fmt(row.validation)} | {fmt(row.test)} |"
             f" {params:,.0f} | {wall:.1f} min |"
         )
-    if any("grid edge" in line for line in lines):
+    if any_edge:
         lines += [
             "",
             "grid edge ⚠: the chosen rate is the smallest or largest tried; the grid may"
