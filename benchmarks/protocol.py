@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from increlora.runner.bench import run_bench
+from increlora.runner.bench import output_dir_of, run_bench
 from increlora.runner.config import read_yaml
 from increlora.runner.report import (
     at_grid_edge,
@@ -73,7 +73,7 @@ def supersede(spec: dict, results: Path | None) -> list[str]:
     from increlora.runner import outputs as O
     from increlora.runner.bench import expand
 
-    out = Path(spec.get("output_dir") or "runs/bench")
+    out = output_dir_of(spec)
     removed = []
     for bench_run in expand(spec, out):
         metrics = out / bench_run.key / O.METRICS
@@ -89,7 +89,7 @@ def supersede(spec: dict, results: Path | None) -> list[str]:
 
 
 def _out(spec_path: str) -> Path:
-    return Path(read_yaml(spec_path).get("output_dir") or "runs/bench")
+    return output_dir_of(read_yaml(spec_path))
 
 
 def main(argv: list[str] | None = None) -> int:

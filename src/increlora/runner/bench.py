@@ -45,6 +45,13 @@ AXIS_PATHS = {
     "model": ("model",),
 }
 BENCH_STATUS = "bench_status.json"
+DEFAULT_OUTPUT_DIR = "runs/bench"
+
+
+def output_dir_of(spec: dict[str, Any], override: str | Path | None = None) -> Path:
+    """Where a spec's runs go: ``override`` (the CLI's --output-dir), else the spec's
+    ``output_dir``, else runs/bench."""
+    return Path(override or spec.get("output_dir") or DEFAULT_OUTPUT_DIR)
 
 
 @dataclass
@@ -127,7 +134,7 @@ def run_bench(
     same command again continues where it stopped.
     """
     spec = read_yaml(spec_path)
-    out = Path(output_dir or spec.get("output_dir") or "runs/bench")
+    out = output_dir_of(spec, output_dir)
     runs = expand(spec, out)
     if dry_run:
         for i, bench_run in enumerate(runs, 1):
