@@ -165,3 +165,32 @@ def test_rows_stuck_at_the_majority_class_are_flagged(tmp_path):
     assert "| lora | 0.002 (chosen) |" in text
     assert "| sora | 0.0001 |" in text  # old runs without a recorded floor are not guessed
     assert "⚠ majority class: on validation, no better than always predicting" in text
+
+
+def test_a_bare_increlora_label_is_shown_with_its_init(tmp_path):
+    """Benches used the label ``increlora`` for the LoRA init (mr) and the paper init (QASC);
+    the report names the init so one figure cannot mix them, while learning-rate choice keeps
+    the bench label the specs refer to."""
+    for init in ("lora", "paper"):
+        resolved = {"learning_rate": 1e-2, "plan": None, "method_config": {"init": init}}
+        _write_run(tmp_path / init, "increlora", 1e-2, 0, val=0.7, test=0.7, resolved=resolved)
+        text = report.write_report(tmp_path / init, tmp_path / f"{init}.md").read_text()
+        assert f"| increlora-{init}init | 0.01 |" in text
+        assert [run.method for run in report.collect(tmp_path / init)] == ["increlora"]
+    _write_run(tmp_path / "old", "increlora", 1e-2, 0, val=0.7, test=0.7)  # init not recorded
+    text = report.write_report(tmp_path / "old", tmp_path / "old.md").read_text()
+    assert "| increlora | 0.01 |" in text
+
+
+def test_a_sweep_bench_gets_validation_curves_and_a_final_bench_gets_scores(tmp_path):
+    for lr, val in ((1e-3, 0.60), (2e-3, 0.74), (5e-3, 0.72)):
+        _write_run(tmp_path / "sweep", "lora", lr, 0, val=val, test=0.7)
+    for seed in (1, 2):
+        _write_run(tmp_path / "final", "lora", 2e-3, seed, val=0.74, test=0.70)
+        _write_run(tmp_path / "final", "adalora", 2e-2, seed, val=0.75, test=0.72)
+    assert report.is_sweep(report.collect(tmp_path / "sweep"))
+    assert not report.is_sweep(report.collect(tmp_path / "final"))
+    for bench in ("sweep", "final"):
+        text = report.write_report(tmp_path / bench, tmp_path / f"{bench}.md").read_text()
+        assert f"![bench]({bench}_bench.png)" in text
+        assert (tmp_path / f"{bench}_bench.png").stat().st_size > 1000

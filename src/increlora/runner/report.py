@@ -20,7 +20,7 @@ from __future__ import annotations
 import shutil
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class RunResult:
     uniform_allocation: bool
     base_test: float | None = None  # causal LM: the base model (adapters off) on test
     constant: float | None = None  # validation score of always predicting the train majority
+    init: str | None = None  # IncreLoRA's initialisation (paper / lora), where recorded
 
     @property
     def cell(self) -> tuple:
@@ -107,7 +108,19 @@ def load_run(path: Path, root: Path) -> RunResult:
         uniform_allocation=bool(plan.get("uniform", False)),
         base_test=_base_test(m, test_split),
         constant=((m.get("constant_baseline") or {}).get("scores") or {}).get(selection),
+        init=((m.get("resolved") or {}).get("method_config") or {}).get("init"),
     )
+
+
+def display_name(run: RunResult) -> str:
+    """The name a report shows: a bench label, except that a bare ``increlora`` label names
+    its initialisation (``increlora-paperinit`` / ``increlora-lorainit``). Benches used the
+    bare label for different inits (the LoRA init on mr, the paper init on QASC), which one
+    figure or one reader cannot tell apart. Learning-rate choice (benchmarks/protocol.py)
+    keeps the bench labels, which the specs refer to."""
+    if run.method == "increlora" and run.init in ("paper", "lora"):
+        return f"increlora-{run.init}init"
+    return run.method
 
 
 def _base_test(metrics: dict[str, Any], test_split: str | None) -> float | None:
@@ -331,6 +344,31 @@ def cells(runs: list[RunResult]) -> dict[tuple, list[RunResult]]:
 
 
 # ----------------------------------------------------------------------------- plots
+HEADLINE = ("increlora", "lora", "adalora", "full")
+"""Methods drawn with solid lines; the rest of a wide matrix is drawn thin and dashed."""
+_COLORS = [plt.get_cmap("tab20")(i) for i in (0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 1, 3, 5, 7, 9)]
+_MARKERS = "osD^v<>pPX*hH8d"
+
+
+def _styles(methods: list[str]) -> dict[str, dict[str, Any]]:
+    """One colour and marker per method, stable across the panels of a figure (matplotlib's
+    default cycle repeats after 10 and gave two methods one colour)."""
+    return {
+        method: {
+            "color": _COLORS[i % len(_COLORS)],
+            "marker": _MARKERS[i % len(_MARKERS)],
+            "headline": method.startswith(HEADLINE),
+        }
+        for i, method in enumerate(sorted(methods))
+    }
+
+
+def _series_name(method: str, model: str, rank: float, variants: int) -> str:
+    """A method's series; with several models or ranks in one task, each gets its own line
+    (points of rank 2 and rank 8 at one train size are different systems)."""
+    return method if variants == 1 else f"{method} ({model}, r{rank:g})"
+
+
 def plot_bench(runs: list[RunResult], path: Path) -> bool:
     """Per task: test score vs train size (each method at its chosen lr), and test score vs
     trainable parameters (validation scores where runs had no test split)."""
@@ -340,30 +378,120 @@ def plot_bench(runs: list[RunResult], path: Path) -> bool:
     if not by_task:
         return False
     split = "test" if all(r.test is not None for r in runs) else "validation"
-    fig, axes = plt.subplots(len(by_task), 2, figsize=(10, 3.4 * len(by_task)), squeeze=False)
+    styles = _styles(sorted({r.method for r in runs}))
+    fig, axes = plt.subplots(len(by_task), 2, figsize=(12, 3.6 * len(by_task)), squeeze=False)
     for (task, task_runs), (ax_size, ax_params) in zip(sorted(by_task.items()), axes):
-        series: dict[str, list[tuple[int, float, float, float]]] = defaultdict(list)
+        variants = len({(r.model, r.target_rank) for r in task_runs})
+        series: dict[tuple, list[tuple[int, float, float, float]]] = defaultdict(list)
         for cell, cell_runs in cells(task_runs).items():
+            _, _, model, size, rank = cell
             for method, row in chosen_rows(cell_rows(cell_runs)).items():
                 mean, std = mean_std(row.test if split == "test" else row.validation)
                 params = statistics.fmean(r.trainable_params for r in row.runs)
-                series[method].append((cell[3], mean, std or 0.0, params))
-        for method, points in sorted(series.items()):
+                key = (method, _series_name(method, model, rank, variants), rank)
+                series[key].append((size, mean, std or 0.0, params))
+        sizes = sorted({p[0] for points in series.values() for p in points})
+        for (method, name, rank), points in sorted(series.items()):
             points.sort()
-            xs = [p[0] for p in points]
-            ax_size.errorbar(
-                xs, [p[1] for p in points], [p[2] for p in points], marker="o", capsize=3,
-                label=method,
+            style = styles[method]
+            ax_params.scatter(
+                [p[3] for p in points], [p[1] for p in points], color=style["color"],
+                marker=style["marker"], label=name,
             )  # fmt: skip
-            ax_params.scatter([p[3] for p in points], [p[1] for p in points], label=method)
-        ax_size.set_xscale("log")
-        ax_size.set_xlabel("training examples")
-        ax_size.set_ylabel(f"{split} {task_runs[0].metric}")
-        ax_size.set_title(f"{task}: {split} score vs train size", fontsize=10)
-        ax_params.set_xscale("log")
+            if len(sizes) == 1:
+                continue
+            line = "-" if style["headline"] else "--"
+            line = line if rank in (0, 2) or variants == 1 else ":"
+            ax_size.errorbar(
+                [p[0] for p in points], [p[1] for p in points], [p[2] for p in points],
+                color=style["color"], marker=style["marker"], linestyle=line, capsize=3,
+                linewidth=1.8 if style["headline"] else 0.9, markersize=5, label=name,
+            )  # fmt: skip
+        ylabel = f"{split} {task_runs[0].metric}"
+        if len(sizes) == 1:  # one size: a ranked chart of the methods instead of a stack
+            ranked = sorted(series.items(), key=lambda kv: kv[1][0][1])
+            for y, ((method, _name, _), [(_, mean, std, _)]) in enumerate(ranked):
+                style = styles[method]
+                ax_size.errorbar(
+                    mean, y, xerr=std, color=style["color"], marker=style["marker"],
+                    capsize=3, markersize=6,
+                )  # fmt: skip
+            ax_size.set_yticks(range(len(ranked)), [kv[0][1] for kv in ranked], fontsize=8)
+            ax_size.set_xlabel(ylabel)
+            ax_size.grid(axis="x", alpha=0.3)
+            ax_size.set_title(f"{task}: {split} score at {sizes[0]:,} examples", fontsize=10)
+        else:
+            ax_size.set_xscale("log")
+            ax_size.set_xticks(sizes, [f"{s:,}" for s in sizes])
+            ax_size.minorticks_off()
+            ax_size.set_xlabel("training examples")
+            ax_size.set_ylabel(ylabel)
+            ax_size.set_title(f"{task}: {split} score vs train size", fontsize=10)
+        params = [p[3] for points in series.values() for p in points]
+        if max(params) >= 10 * min(params):
+            ax_params.set_xscale("log")
+        else:  # a log axis over less than a decade prints overlapping minor labels
+            ax_params.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
         ax_params.set_xlabel("trainable parameters")
         ax_params.set_title(f"{task}: {split} score vs trainable parameters", fontsize=10)
-        ax_size.legend(fontsize=7)
+        ax_params.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def is_sweep(runs: list[RunResult]) -> bool:
+    """Some method ran at several learning rates in one cell: a learning-rate sweep."""
+    return any(
+        len({r.learning_rate for r in cell_runs if r.method == method}) > 1
+        for cell_runs in cells(runs).values()
+        for method in {r.method for r in cell_runs}
+    )
+
+
+def plot_sweep(runs: list[RunResult], path: Path) -> bool:
+    """One panel per cell: mean validation score against learning rate per method (the curve
+    the choice is made on), the chosen rate ringed, the majority-class floor dashed."""
+    grouped = cells(runs)
+    if not grouped:
+        return False
+    styles = _styles(sorted({r.method for r in runs}))
+    columns = min(2, len(grouped))
+    rows = -(-len(grouped) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.2 * columns, 3.6 * rows), squeeze=False)
+    for ax, (cell, cell_runs) in zip(axes.flat, grouped.items()):
+        table = cell_rows(cell_runs)
+        chosen = chosen_rows(table)
+        for method in sorted({row.method for row in table}):
+            curve = sorted(
+                (row.learning_rate, statistics.fmean(row.validation))
+                for row in table
+                if row.method == method
+            )
+            style = styles[method]
+            ax.plot(
+                [lr for lr, _ in curve], [v for _, v in curve], color=style["color"],
+                marker=style["marker"], linestyle="-" if len(curve) > 1 else "none", label=method,
+            )  # fmt: skip
+            best = chosen[method]
+            ax.scatter(
+                [best.learning_rate], [statistics.fmean(best.validation)], s=140,
+                facecolors="none", edgecolors=style["color"], linewidths=1.5,
+            )  # fmt: skip
+        floors = {r.constant for r in cell_runs if r.constant is not None}
+        if len(floors) == 1:
+            ax.axhline(floors.pop(), color="grey", linestyle="--", linewidth=0.8)
+        rates = sorted({row.learning_rate for row in table})
+        ax.set_xscale("log")
+        ax.set_xticks(rates, [f"{lr:g}" for lr in rates], fontsize=7, rotation=45)
+        ax.minorticks_off()
+        ax.set_xlabel("learning rate (ringed: chosen; dashed: majority class)")
+        ax.set_ylabel(f"validation {cell_runs[0].metric}")
+        ax.set_title(_cell_title(cell), fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    for ax in list(axes.flat)[len(grouped) :]:
+        ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -390,7 +518,7 @@ def _bench_order(name: str) -> tuple[int, str]:
 def write_report(directory: str | Path, output: str | Path | None = None) -> Path:
     """Write the markdown report (and one plot per bench next to it); returns its path."""
     directory = Path(directory)
-    runs = collect(directory)
+    runs = [replace(run, method=display_name(run)) for run in collect(directory)]
     if not runs:
         raise FileNotFoundError(f"{directory}: no finished runs (no {O.METRICS} below it)")
     output = Path(output) if output is not None else directory / "report.md"
@@ -419,7 +547,7 @@ def write_report(directory: str | Path, output: str | Path | None = None) -> Pat
         for cell, cell_runs in cells(bench_runs).items():
             parts.append(cell_markdown(cell, cell_runs))
         plot = output.parent / f"{output.stem}_{name.replace('/', '_')}.png"
-        if plot_bench(bench_runs, plot):
+        if (plot_sweep if is_sweep(bench_runs) else plot_bench)(bench_runs, plot):
             parts.append(f"![{name}]({plot.name})\n")
     atomic_write_text(output, "\n".join(parts))
     return output
