@@ -423,6 +423,19 @@ def test_print_config_merges_file_and_options(tmp_path, capsys) -> None:
     assert yaml.safe_load(capsys.readouterr().out)["method"] == {"name": "lora", "target_rank": 2}
 
 
+def test_print_config_names_the_learning_rate_the_run_will_use(capsys) -> None:
+    """The rate is left open in the config and filled in from the method as configured:
+    IncreLoRA's LoRA-style init gets its own default, not the paper init's."""
+    for method_args, rate in (([], "0.01"), (["--method-arg", "init=lora"], "0.002")):
+        assert cli.main(["train", *method_args, "--print-config"]) == 0
+        comments = [
+            line for line in capsys.readouterr().out.splitlines() if "learning_rate" in line
+        ]
+        assert any(
+            line.startswith(f"#   train.learning_rate: {rate} (sweep_mr500") for line in comments
+        )
+
+
 # ---------------------------------------------------------------------- bench/report
 def test_bench_is_resumable_and_report_aggregates_seeds(
     tiny_model, tmp_path, capsys, monkeypatch

@@ -99,6 +99,10 @@ def test_every_default_learning_rate_names_its_source() -> None:
     assert all(entry.source and entry.learning_rate > 0 for entry in METHOD_DEFAULTS.values())
     assert default_learning_rate("increlora") == METHOD_DEFAULTS["increlora"].learning_rate
     assert default_learning_rate("some-new-method") > 0
+    # IncreLoRA's LoRA-style init has its own rate (it collapses at the paper init's 1e-2).
+    assert default_learning_rate("increlora", {"init": "lora"}) == 2e-3
+    assert default_learning_rate("increlora", {"init": "paper"}) == 1e-2
+    assert default_learning_rate("lora", {"init": "lora"}) == default_learning_rate("lora")
 
 
 # ---------------------------------------------------------------------------- data

@@ -157,15 +157,16 @@ def _build_run_config(args: argparse.Namespace, base: dict[str, Any] | None = No
 def _resolved_comments(config: Any) -> str:
     """What the run fills in when it starts, as YAML comments (the output stays a config)."""
     from .methods import get_method
-    from .runner.config import METHOD_DEFAULTS, default_learning_rate
+    from .runner.config import default_learning_rate, method_defaults
 
     method = config.method
     lines = ["# Filled in when the run starts (not part of the config):"]
     lines.append(f"#   output_dir: {config.resolved_output_dir()}")
     if config.train.learning_rate is None:
-        entry = METHOD_DEFAULTS.get(method.name)
+        entry = method_defaults(method.name, method.args)
         source = f" ({entry.source})" if entry is not None else " (the fallback for methods)"
-        lines.append(f"#   train.learning_rate: {default_learning_rate(method.name)}{source}")
+        lr = default_learning_rate(method.name, method.args)
+        lines.append(f"#   train.learning_rate: {lr}{source}")
     config_cls = get_method(method.name).config_class
     left = {
         f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()

@@ -254,7 +254,9 @@ class Trainer:
                 )
                 for split, examples in self.data.evals.items()
             }
-        self.learning_rate = cfg.train.learning_rate or default_learning_rate(cfg.method.name)
+        self.learning_rate = cfg.train.learning_rate or default_learning_rate(
+            cfg.method.name, cfg.method.args
+        )
         torch_optimizer = torch.optim.AdamW(
             self.adapted.trainable_parameters(),
             lr=self.learning_rate,
