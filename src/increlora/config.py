@@ -91,17 +91,22 @@ class IncreLoRAConfig(AdapterConfig):
     max_rank: int | None = option(
         None,
         "Capacity per module (pre-allocated rows). None: min(d_in, d_out, 8 x ceil(average"
-        " target rank) + add_r). Growth never exceeds it; memory scales with it.",
+        " target rank) + add_r (1 if unset)). Growth never exceeds it; memory scales with it.",
     )
     init_warmup: int | None = option(None, "Optimizer steps before the first growth round.")
     interval: int | None = option(None, "Optimizer steps between growth rounds.")
     top_h: int | None = option(None, "Modules that gain rank in each round.")
-    add_r: int = option(1, "Ranks each chosen module gains per round.")
+    add_r: int | None = option(
+        None,
+        "Ranks each chosen module gains per round. None: 1, or more when the run is too short"
+        " for rounds of one rank to reach the budget with at most half the modules winning each"
+        " round (then the smallest add_r that keeps them competing).",
+    )
     growth_end_fraction: float = option(
         0.5, "When the schedule is derived: growth ends by this fraction of training."
     )
     advance_learning: bool = option(
-        True, "Keep add_r reserve ranks per module whose A/B train before activation."
+        True, "Keep add_r (1 if unset) reserve ranks per module whose A/B train before activation."
     )
     restart_warmup_steps: int | None = option(
         None,
@@ -163,7 +168,7 @@ class IncreLoRAConfig(AdapterConfig):
         if self.target_params is not None:
             require(self.target_params > 0, "target_params", "must be positive")
         require(self.init_rank >= 1, "init_rank", f"must be >= 1, got {self.init_rank}")
-        require(self.add_r >= 1, "add_r", f"must be >= 1, got {self.add_r}")
+        require(self.add_r is None or self.add_r >= 1, "add_r", f"must be >= 1, got {self.add_r}")
         for name in ("interval", "top_h"):
             value = getattr(self, name)
             require(value is None or value >= 1, name, f"must be a positive integer, got {value}")
@@ -215,4 +220,4 @@ class IncreLoRAConfig(AdapterConfig):
     @property
     def reserve_rank(self) -> int:
         """Reserve ranks kept per module while growing (advance learning)."""
-        return self.add_r if self.advance_learning else 0
+        return (self.add_r or 1) if self.advance_learning else 0

@@ -16,6 +16,7 @@ from ..config import ConfigError, IncreLoRAConfig
 MIN_DERIVED_INTERVAL = 10  # about the EMA window at beta = 0.85, so scores settle between rounds
 SHORT_RUN_MIN_INTERVAL = 3  # short runs: more, smaller rounds (the EMA carries across rounds)
 SHORT_RUN_ROUNDS = 8  # the rounds a short run aims for before the interval shrinks below 10
+MAX_DERIVED_ADD_R = 8  # the most ranks a derived add_r gives one module in one round
 
 
 def min_derived_interval(horizon: int) -> int:
@@ -123,13 +124,13 @@ def make_plan(config: IncreLoRAConfig, slots: list[ModuleSlot], total_steps: int
             f" min(d_in, d_out) of each module) or lower {field}"
         )
     missing = budget - initial
-    add_r = config.add_r
     if config.top_h is not None and config.top_h > len(slots):
         raise ConfigError(f"top_h: {config.top_h} exceeds the {len(slots)} adapted modules")
     if config.interval is None or config.top_h is None or config.init_warmup is None:
-        init_warmup, interval, top_h = _derive(config, slots, missing, unit, total_steps)
+        init_warmup, interval, top_h, add_r = _derive(config, slots, missing, unit, total_steps)
     else:
         init_warmup, interval, top_h = config.init_warmup, config.interval, config.top_h
+        add_r = config.add_r or 1
     rounds = _rounds_needed(missing, unit, slots, top_h, add_r)
     if rounds:
         last = _last_round(init_warmup, interval, rounds)
@@ -169,17 +170,48 @@ def make_plan(config: IncreLoRAConfig, slots: list[ModuleSlot], total_steps: int
 
 def _derive(
     config: IncreLoRAConfig, slots: list[ModuleSlot], missing: int, unit: str, total_steps: int
-) -> tuple[int, int, int]:
+) -> tuple[int, int, int, int]:
     """Fill the schedule fields left unset from the ones the user set, so that growth ends by
     ``growth_end_fraction`` of training: the smallest top_h whose rounds fit, spaced at least
     ``min_derived_interval`` steps apart (unless interval is given); init_warmup = interval
-    (the paper's setting) unless given, and a given init_warmup shortens the span left."""
+    (the paper's setting) unless given, and a given init_warmup shortens the span left.
+
+    ``add_r`` left unset is 1 unless rounds of one rank per module would have to grow more
+    than half the modules each round to reach the budget in time (a rank-8 budget in a
+    48-step run needs every module every round: uniform LoRA). Then each chosen module gains
+    the smallest add_r that lets at most half the modules win a round, so that they still
+    compete for rank. Returns (init_warmup, interval, top_h, add_r)."""
+    if config.add_r is not None:
+        return (*_derive_for(config, slots, missing, unit, total_steps, config.add_r, None),)
+    half = max(1, len(slots) // 2)
+    if config.top_h is None:
+        for add_r in range(1, MAX_DERIVED_ADD_R + 1):
+            found = _derive_for(config, slots, missing, unit, total_steps, add_r, half)
+            if found is not None:
+                return found
+    return _derive_for(config, slots, missing, unit, total_steps, 1, None)
+
+
+def _derive_for(
+    config: IncreLoRAConfig,
+    slots: list[ModuleSlot],
+    missing: int,
+    unit: str,
+    total_steps: int,
+    add_r: int,
+    max_top_h: int | None,
+):
+    """``_derive`` at a fixed add_r. With ``max_top_h``, only top_h up to it are tried and
+    None is returned when none fits; without, the last candidate is returned regardless."""
     horizon = max(2, int(config.growth_end_fraction * total_steps))
     min_interval = min_derived_interval(horizon)
-    candidates = [config.top_h] if config.top_h is not None else range(1, len(slots) + 1)
+    if config.top_h is not None:
+        candidates = [config.top_h]
+    else:
+        candidates = range(1, min(len(slots), max_top_h or len(slots)) + 1)
     best = None
     for top_h in candidates:
-        rounds = _rounds_needed(missing, unit, slots, top_h, config.add_r)
+        rounds = _rounds_needed(missing, unit, slots, top_h, add_r)
         if config.interval is not None:
             interval = config.interval
         elif config.init_warmup is not None:
@@ -187,10 +219,12 @@ def _derive(
         else:
             interval = max(1, horizon // (rounds + 1))
         init_warmup = config.init_warmup if config.init_warmup is not None else interval
-        best = (init_warmup, interval, top_h)
+        best = (init_warmup, interval, top_h, add_r)
         fits = rounds == 0 or _last_round(init_warmup, interval, rounds) <= horizon
         if fits and (interval >= min_interval or config.interval is not None):
             return best
+    if max_top_h is not None:
+        return None
     assert best is not None
     return best
 
