@@ -160,8 +160,12 @@ def test_rows_stuck_at_the_majority_class_are_flagged(tmp_path):
         _write_run(tmp_path, "lora", 1e-4, seed, val=0.596, test=0.572, **floor)
         _write_run(tmp_path, "lora", 2e-3, seed, val=0.70 + seed / 100, test=0.68, **floor)
     _write_run(tmp_path, "sora", 1e-4, 0, val=0.596, test=0.572)  # no floor recorded
+    # One seed of three collapsed: the row learned, but its mean and std carry that seed.
+    for seed, val in ((0, 0.80), (1, 0.596), (2, 0.81)):
+        _write_run(tmp_path, "mora", 2e-2, seed, val=val, test=val - 0.02, **floor)
     text = report.write_report(tmp_path, tmp_path / "r.md").read_text()
     assert "| lora ⚠ majority class | 0.0001 |" in text
+    assert "| mora ⚠ majority class on 1 of 3 seeds | 0.02 |" in text
     assert "| lora | 0.002 (chosen) |" in text
     assert "| sora | 0.0001 |" in text  # old runs without a recorded floor are not guessed
     assert "⚠ majority class: on validation, no better than always predicting" in text

@@ -208,7 +208,12 @@ class Row:
     def learned_nothing(self) -> bool:
         """Every run scored no better on validation than always predicting one class (known
         for runs that recorded their constant baseline)."""
-        return all(r.constant is not None and r.validation <= r.constant for r in self.runs)
+        return self.seeds_at_majority == len(self.runs)
+
+    @property
+    def seeds_at_majority(self) -> int:
+        """Runs that scored no better on validation than the constant baseline they recorded."""
+        return sum(r.constant is not None and r.validation <= r.constant for r in self.runs)
 
 
 def cell_rows(runs: list[RunResult]) -> list[Row]:
@@ -291,7 +296,10 @@ def cell_markdown(cell: tuple, runs: list[RunResult]) -> str:
             any_edge = any_edge or edge
             mark = " (chosen; grid edge ⚠)" if edge else " (chosen)"
         uniform = " ⚠ uniform" if any(r.uniform_allocation for r in row.runs) else ""
-        uniform += " ⚠ majority class" if row.learned_nothing else ""
+        if row.learned_nothing:
+            uniform += " ⚠ majority class"
+        elif row.seeds_at_majority:
+            uniform += f" ⚠ majority class on {row.seeds_at_majority} of {len(row.runs)} seeds"
         params = statistics.fmean(r.trainable_params for r in row.runs)
         wall = statistics.fmean(r.wall_time_s for r in row.runs) / 60
         lines.append(
@@ -305,11 +313,12 @@ def cell_markdown(cell: tuple, runs: list[RunResult]) -> str:
             "grid edge ⚠: the chosen rate is the smallest or largest tried; the grid may"
             " understate that method (extend it one step to check).",
         ]
-    if any(row.learned_nothing for row in rows):
+    if any(row.seeds_at_majority for row in rows):
         lines += [
             "",
             "⚠ majority class: on validation, no better than always predicting the training"
-            " set's most common class (the run's recorded constant baseline).",
+            " set's most common class (the run's recorded constant baseline); \"on k of n"
+            " seeds\": the row's mean and std include those collapsed runs.",
         ]
     base = [r.base_test for r in runs if r.base_test is not None]
     if base:
