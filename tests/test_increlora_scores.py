@@ -241,21 +241,23 @@ def test_short_runs_get_several_competitive_rounds(steps):
 @pytest.mark.parametrize("steps", [48, 96, 282])
 def test_a_rank_8_budget_in_a_short_run_still_competes_by_giving_winners_more_rank(steps):
     """Rank 8 in 48 steps needs 252 ranks in ~7 rounds: with one rank per winner every module
-    wins every round (uniform LoRA). Left unset, add_r rises so at most half the modules win."""
+    wins every round (uniform LoRA). With add_r=None it rises so at most half the modules win."""
     slots = [ModuleSlot(s.name, s.cost, 65, 1) for s in _minilm_like_slots()]
-    plan = make_plan(IncreLoRAConfig(target_rank=8), slots, steps)
+    plan = make_plan(IncreLoRAConfig(target_rank=8, add_r=None), slots, steps)
     assert not plan.uniform and plan.top_h <= 18 and plan.add_r >= 2
     assert plan.top_h * plan.add_r * plan.planned_rounds >= 7 * 36
     assert plan.round_steps()[-1] <= steps // 2
     fixed = make_plan(IncreLoRAConfig(target_rank=8, add_r=1), slots, 48)
     assert fixed.add_r == 1 and fixed.uniform  # an explicit add_r is kept
-    assert make_plan(IncreLoRAConfig(target_rank=2), _minilm_like_slots(), 48).add_r == 1
+    assert make_plan(IncreLoRAConfig(target_rank=8), slots, 48).uniform  # the default: add_r=1
+    rank2 = make_plan(IncreLoRAConfig(target_rank=2, add_r=None), _minilm_like_slots(), 48)
+    assert rank2.add_r == 1
 
 
 def test_a_rank_8_short_run_ends_with_uneven_ranks_on_the_budget():
     torch.manual_seed(0)
     model = CASE.make()
-    adapted = increlora.inject(model, _config(target_rank=8, init="lora"))
+    adapted = increlora.inject(model, _config(target_rank=8, init="lora", add_r=None))
     optimizer = torch.optim.AdamW(adapted.trainable_parameters(), lr=0.005)
     controller = adapted.controller(optimizer, total_steps=48)
     assert controller.plan.add_r >= 2 and not controller.plan.uniform

@@ -97,10 +97,11 @@ class IncreLoRAConfig(AdapterConfig):
     interval: int | None = option(None, "Optimizer steps between growth rounds.")
     top_h: int | None = option(None, "Modules that gain rank in each round.")
     add_r: int | None = option(
-        None,
-        "Ranks each chosen module gains per round. None: 1, or more when the run is too short"
-        " for rounds of one rank to reach the budget with at most half the modules winning each"
-        " round (then the smallest add_r that keeps them competing).",
+        1,
+        "Ranks each chosen module gains per round. None: derived with the schedule: 1, or more"
+        " when the run is too short for rounds of one rank to reach the budget with at most half"
+        " the modules winning each round (then the smallest add_r that keeps them competing; it"
+        " tied add_r=1 at rank 8 in 48 steps, docs/results.md).",
     )
     growth_end_fraction: float = option(
         0.5, "When the schedule is derived: growth ends by this fraction of training."
