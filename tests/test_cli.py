@@ -492,7 +492,9 @@ def test_bench_is_resumable_and_report_aggregates_seeds(
     assert "### sst2" in report
     rows = [ln for ln in report.splitlines() if ln.startswith(("| increlora", "| fast"))]
     assert len(rows) == 2 and all("±" in row and "| 0,1 |" in row for row in rows)
-    assert "| fast ⚠ uniform | 0.01 |" in report  # 3 steps: too short to allocate
+    # 3 steps: too short to allocate (and too short for some seeds to beat the majority class)
+    fast = [row for row in rows if row.startswith("| fast")]
+    assert fast[0].startswith("| fast ⚠ uniform") and "| 0.01 |" in fast[0]
     assert (tmp_path / "bench" / "report_bench.png").stat().st_size > 0
 
 
