@@ -25,6 +25,15 @@ def _config(**kw) -> IncreLoRAConfig:
     return IncreLoRAConfig(**{**defaults, **kw})
 
 
+def _train(model, optimizer, controller, steps: int) -> None:
+    """Plain loop: task loss + the controller's regularizer, one input batch per step."""
+    for step in range(steps):
+        (CASE.loss(model, CASE.inputs(seed=step)) + controller.regularization_loss()).backward()
+        optimizer.step()
+        controller.step()
+        optimizer.zero_grad()
+
+
 def _one_scored_step(reg_weight: float, importance: str, **kw):
     """Raw scores of one step at fixed weights (lr 0), with the regularizer at reg_weight."""
     torch.manual_seed(0)
@@ -261,11 +270,7 @@ def test_a_rank_8_short_run_ends_with_uneven_ranks_on_the_budget():
     optimizer = torch.optim.AdamW(adapted.trainable_parameters(), lr=0.005)
     controller = adapted.controller(optimizer, total_steps=48)
     assert controller.plan.add_r >= 2 and not controller.plan.uniform
-    for step in range(48):
-        (CASE.loss(model, CASE.inputs(seed=step)) + controller.regularization_loss()).backward()
-        optimizer.step()
-        controller.step()
-        optimizer.zero_grad()
+    _train(model, optimizer, controller, 48)
     ranks = list(adapted.rank_pattern().values())
     assert len(set(ranks)) > 1
     assert controller.num_trainable_parameters() == sum(
@@ -301,11 +306,7 @@ def test_a_short_run_allocates_unevenly_by_score():
     adapted = increlora.inject(model, _config(target_rank=2, init="lora"))
     optimizer = torch.optim.AdamW(adapted.trainable_parameters(), lr=0.005)
     controller = adapted.controller(optimizer, total_steps=48)
-    for step in range(48):
-        (CASE.loss(model, CASE.inputs(seed=step)) + controller.regularization_loss()).backward()
-        optimizer.step()
-        controller.step()
-        optimizer.zero_grad()
+    _train(model, optimizer, controller, 48)
     ranks = list(adapted.rank_pattern().values())
     assert sum(ranks) == 2 * len(ranks) and len(set(ranks)) > 1
     assert len(controller.history) >= 3
@@ -320,11 +321,7 @@ def test_the_last_rounds_event_counts_what_trains_after_the_reserve_drop():
     adapted = increlora.inject(model, _config(target_rank=2, init_warmup=2, interval=2, top_h=6))
     optimizer = torch.optim.AdamW(adapted.trainable_parameters(), lr=0.01)
     controller = adapted.controller(optimizer, total_steps=10)
-    for step in range(10):
-        (CASE.loss(model, CASE.inputs(seed=step)) + controller.regularization_loss()).backward()
-        optimizer.step()
-        controller.step()
-        optimizer.zero_grad()
+    _train(model, optimizer, controller, 10)
     last = controller.history[-1]
     assert last["budget_reached"] and not controller.history[0]["budget_reached"]
     expected = sum(

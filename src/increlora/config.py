@@ -219,6 +219,12 @@ class IncreLoRAConfig(AdapterConfig):
         require(self.init_e != 0, "init_e", "must be nonzero (e = 0 is init='paper')")
 
     @property
+    def build_add_r(self) -> int:
+        """add_r where it must be known before the schedule is derived (capacity, reserve
+        rows, a fully given schedule): the given value, or 1 when add_r=None."""
+        return self.add_r or 1
+
+    @property
     def reserve_rank(self) -> int:
         """Reserve ranks kept per module while growing (advance learning)."""
-        return (self.add_r or 1) if self.advance_learning else 0
+        return self.build_add_r if self.advance_learning else 0

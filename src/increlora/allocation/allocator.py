@@ -117,8 +117,8 @@ class IncreLoRAAllocator:
             logger.warning(
                 "IncreLoRA: this run is too short for allocation: each of the %d growth"
                 " round(s) gives all %d modules +%d rank (top_h=%d), so every module ends at"
-                " the same rank (uniform LoRA in triplet form). Train longer, lower top_h, leave"
-                " add_r unset or raise growth_end_fraction for modules to compete for rank.",
+                " the same rank (uniform LoRA in triplet form). Train longer, lower top_h, set"
+                " add_r=None or raise growth_end_fraction for modules to compete for rank.",
                 self.plan.planned_rounds,
                 len(self.layers),
                 self.plan.add_r,

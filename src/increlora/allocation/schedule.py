@@ -130,7 +130,7 @@ def make_plan(config: IncreLoRAConfig, slots: list[ModuleSlot], total_steps: int
         init_warmup, interval, top_h, add_r = _derive(config, slots, missing, unit, total_steps)
     else:
         init_warmup, interval, top_h = config.init_warmup, config.interval, config.top_h
-        add_r = config.add_r or 1
+        add_r = config.build_add_r
     rounds = _rounds_needed(missing, unit, slots, top_h, add_r)
     if rounds:
         last = _last_round(init_warmup, interval, rounds)
@@ -182,7 +182,7 @@ def _derive(
     the smallest add_r that lets at most half the modules win a round, so that they still
     compete for rank. Returns (init_warmup, interval, top_h, add_r)."""
     if config.add_r is not None:
-        return (*_derive_for(config, slots, missing, unit, total_steps, config.add_r, None),)
+        return _derive_for(config, slots, missing, unit, total_steps, config.add_r, None)
     half = max(1, len(slots) // 2)
     if config.top_h is None:
         for add_r in range(1, MAX_DERIVED_ADD_R + 1):
@@ -200,7 +200,7 @@ def _derive_for(
     total_steps: int,
     add_r: int,
     max_top_h: int | None,
-):
+) -> tuple[int, int, int, int] | None:
     """``_derive`` at a fixed add_r. With ``max_top_h``, only top_h up to it are tried and
     None is returned when none fits; without, the last candidate is returned regardless."""
     horizon = max(2, int(config.growth_end_fraction * total_steps))

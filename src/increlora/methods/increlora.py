@@ -58,7 +58,7 @@ class IncreLoRA(Method):
                     f"max_rank: {config.max_rank} exceeds min(d_in, d_out) = {limit} of {name};"
                     f" lower max_rank to <= {limit}"
                 )
-            capacity = config.max_rank or min(limit, 8 * math.ceil(avg) + (config.add_r or 1))
+            capacity = config.max_rank or min(limit, 8 * math.ceil(avg) + config.build_add_r)
             if capacity < config.init_rank:
                 raise ConfigError(
                     f"init_rank: {config.init_rank} exceeds what {name} can hold ({limit})"
