@@ -141,6 +141,12 @@ def test_train_writes_the_output_contract(reference: Path) -> None:
     assert {"torch", "transformers", "accelerate", "increlora"} <= set(metrics["versions"])
     assert metrics["config"]["method"]["name"] == "increlora"
     assert metrics["resolved"]["plan"]["interval"] == 2
+    # No rate given: the benchmark's rate for the nearest swept cell (10 steps, rank 2: the
+    # 48-step one), and the run says where it came from.
+    assert metrics["resolved"]["learning_rate"] == 1e-2
+    assert metrics["resolved"]["learning_rate_source"].startswith(
+        "default for increlora: sweep_mr500"
+    )
     assert metrics["adapter"]["peft"] == "adapter"
     assert (reference / "adapter" / "adapter_config.json").is_file()
     # The learned-nothing floor, from a plain count of the fixture's labels (column 1).
@@ -424,15 +430,24 @@ def test_print_config_merges_file_and_options(tmp_path, capsys) -> None:
 
 
 def test_print_config_names_the_learning_rate_the_run_will_use(capsys) -> None:
-    """The rate is left open in the config and filled in from the method as configured:
-    IncreLoRA's LoRA-style init gets its own default, not the paper init's."""
-    for method_args, rate in (([], "0.01"), (["--method-arg", "init=lora"], "0.002")):
-        assert cli.main(["train", *method_args, "--print-config"]) == 0
+    """The rate is left open in the config and filled in from the method as configured and
+    the swept cell nearest the run: the default job's 189 steps are nearer the 282-step cell
+    (3,000 examples) than the 48-step one; 500 examples are the 48-step cell itself; IncreLoRA's
+    LoRA-style init has its own default, not the paper init's."""
+    cases = (
+        ([], "0.005 (sweep_mr3000"),
+        (["--train-size", "500"], "0.01 (sweep_mr500"),
+        (["--train-size", "500", "--target-rank", "8"], "0.02 (sweep_r8_mr500"),
+        (["--method-arg", "init=lora"], "0.002 (sweep_mr500"),
+    )
+    for extra, expected in cases:
+        assert cli.main(["train", *extra, "--print-config"]) == 0
         comments = [
             line for line in capsys.readouterr().out.splitlines() if "learning_rate" in line
         ]
-        assert any(
-            line.startswith(f"#   train.learning_rate: {rate} (sweep_mr500") for line in comments
+        assert any(line.startswith(f"#   train.learning_rate: {expected}") for line in comments), (
+            extra,
+            comments,
         )
 
 
@@ -701,7 +716,7 @@ def test_method_fields_are_coerced_to_their_types(nothing_loads, tmp_path, capsy
     }
     assert type(method["top_h"]) is int and type(method["alpha"]) is float
     # What the run fills in is shown as comments (the output stays a loadable config).
-    assert "# Filled in when the run starts" in printed and "train.learning_rate: 0.01" in printed
+    assert "# Filled in when the run starts" in printed and "train.learning_rate: 0.005" in printed
     config.write_text("method: {name: lora, r: two}\n")
     assert cli.main(["train", "--config", str(config)]) == 2
     assert "method.r (LoRAConfig.r): expected an integer, got 'two'" in capsys.readouterr().err

@@ -15,11 +15,14 @@ from increlora.runner import report
 from increlora.runner.bench import expand
 from increlora.runner.config import (
     BUILTIN_CONFIGS,
+    FALLBACK_LEARNING_RATE,
     METHOD_DEFAULTS,
     RunConfig,
+    TrainConfig,
     builtin_config_path,
     default_learning_rate,
     default_run_dict,
+    method_defaults,
     read_yaml,
 )
 from increlora.runner.data import DataError, EpochSampler, check_labels
@@ -96,13 +99,56 @@ def test_report_to_takes_a_list_or_comma_separated_names_and_may_change_on_resum
 
 
 def test_every_default_learning_rate_names_its_source() -> None:
-    assert all(entry.source and entry.learning_rate > 0 for entry in METHOD_DEFAULTS.values())
-    assert default_learning_rate("increlora") == METHOD_DEFAULTS["increlora"].learning_rate
-    assert default_learning_rate("some-new-method") > 0
+    entries = [entry for cells in METHOD_DEFAULTS.values() for entry in cells]
+    assert all(entry.source and entry.learning_rate > 0 for entry in entries)
+    # The primary cell (rank 2, 48 steps) comes first and answers when nothing is known.
+    assert all(cells[0].rank == 2 and cells[0].steps == 48 for cells in METHOD_DEFAULTS.values())
+    assert default_learning_rate("increlora") == METHOD_DEFAULTS["increlora"][0].learning_rate
+    assert default_learning_rate("some-new-method") == FALLBACK_LEARNING_RATE
     # IncreLoRA's LoRA-style init has its own rate (it collapses at the paper init's 1e-2).
     assert default_learning_rate("increlora", {"init": "lora"}) == 2e-3
     assert default_learning_rate("increlora", {"init": "paper"}) == 1e-2
     assert default_learning_rate("lora", {"init": "lora"}) == default_learning_rate("lora")
+
+
+@pytest.mark.parametrize(
+    ("method", "rank", "steps", "expected"),
+    [
+        # 96 steps (1,000 examples) is nearer 48 than 282 on a log scale; 189 nearer 282.
+        ("lora", 2, 48, 2e-3),
+        ("lora", 2, 96, 2e-3),
+        ("lora", 2, 189, 1e-3),
+        ("lora", 2, 5000, 1e-3),
+        ("lora", 8, 48, 5e-3),
+        ("increlora", 2, 282, 5e-3),
+        ("increlora", 8, None, 2e-2),
+        ("increlora", None, 282, 5e-3),
+        ("adalora", 8, 48, 5e-2),
+        # A method swept in one cell only keeps that rate at any size.
+        ("full", 8, 5000, 2e-4),
+        ("increlora/init=lora", 2, 282, 2e-3),
+        # Equally far from rank 2 and rank 8: the primary cell wins the tie.
+        ("lora", 4, 48, 2e-3),
+    ],
+)
+def test_default_rate_comes_from_the_nearest_swept_cell(method, rank, steps, expected) -> None:
+    name, _, init = method.partition("/init=")
+    args = {"init": init} if init else None
+    assert default_learning_rate(name, args, rank=rank, steps=steps) == expected
+    entry = method_defaults(name, args, rank=rank, steps=steps)
+    assert entry is not None and entry.learning_rate == expected
+
+
+def test_planned_steps_counts_optimizer_steps_before_anything_loads() -> None:
+    train = TrainConfig(epochs=3, batch_size=32)
+    assert train.planned_steps(3000) == 282 and train.planned_steps(500) == 48
+    assert train.planned_steps(None) is None
+    assert (
+        TrainConfig(epochs=3, batch_size=32, gradient_accumulation_steps=2).planned_steps(3000)
+        == 3 * 47
+    )
+    assert train.planned_steps(3000, processes=2) == 3 * 47
+    assert TrainConfig(max_steps=7).planned_steps(None) == 7
 
 
 # ---------------------------------------------------------------------------- data

@@ -163,10 +163,15 @@ def _resolved_comments(config: Any) -> str:
     lines = ["# Filled in when the run starts (not part of the config):"]
     lines.append(f"#   output_dir: {config.resolved_output_dir()}")
     if config.train.learning_rate is None:
-        entry = method_defaults(method.name, method.args)
+        steps = config.train.planned_steps(config.data.train_size)
+        entry = method_defaults(method.name, method.args, rank=method.target_rank, steps=steps)
         source = f" ({entry.source})" if entry is not None else " (the fallback for methods)"
-        lr = default_learning_rate(method.name, method.args)
+        lr = default_learning_rate(method.name, method.args, rank=method.target_rank, steps=steps)
         lines.append(f"#   train.learning_rate: {lr}{source}")
+        if steps is None:
+            lines.append(
+                "#     (train_size unset: the run takes the swept cell nearest its length)"
+            )
     config_cls = get_method(method.name).config_class
     left = {
         f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -314,7 +319,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="fine-tune a model on a task (no arguments: the built-in default job)",
         description="Fine-tune a model on a task. Without options this runs the built-in"
         " default job (configs/default.yaml): MiniLM on Rotten Tomatoes (mr) with IncreLoRA"
-        " at average rank 2 (2,000 examples, 189 steps: about 5.5 minutes on 2 CPU cores)."
+        " at average rank 2 (2,000 examples, 189 steps: about 3 minutes on 2 CPU cores)."
         " Options override --config. The default job's own settings"
         f" ({', '.join(own)}) apply only to its task ({defaults['data']['task']}) read from"
         " the built-in source; another --task, or any --data-dir, starts from the plain"

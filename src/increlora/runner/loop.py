@@ -29,7 +29,7 @@ from ..io import atomic_write_json, read_json
 from ..methods import get_method
 from ..tasks import constant_baseline, is_causal
 from . import outputs as O
-from .config import RunConfig, default_learning_rate
+from .config import FALLBACK_LEARNING_RATE, RunConfig, method_defaults
 from .data import TokenizedDataset, eval_loader, load_checked, train_loader
 from .evaluate import evaluate, main_metric
 from .model import adapt, load_model, max_tokens
@@ -254,12 +254,9 @@ class Trainer:
                 )
                 for split, examples in self.data.evals.items()
             }
-        self.learning_rate = cfg.train.learning_rate or default_learning_rate(
-            cfg.method.name, cfg.method.args
-        )
         torch_optimizer = torch.optim.AdamW(
             self.adapted.trainable_parameters(),
-            lr=self.learning_rate,
+            lr=cfg.train.learning_rate or FALLBACK_LEARNING_RATE,  # set below, once steps are known
             weight_decay=cfg.train.weight_decay,
         )
         prepared = acc.prepare(self.loaded.model, torch_optimizer, loader, *evals.values())
@@ -268,6 +265,21 @@ class Trainer:
         accumulation = cfg.train.gradient_accumulation_steps
         self.steps_per_epoch = math.ceil(len(self.train_loader) / accumulation)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        # Unset: the rate the benchmark chose in the swept cell nearest this run's rank and
+        # length (a 48-step rate can diverge in 282 steps; runner.config.METHOD_DEFAULTS).
+        entry = method_defaults(
+            cfg.method.name, cfg.method.args, rank=cfg.method.target_rank, steps=self.total_steps
+        )
+        if cfg.train.learning_rate:
+            self.learning_rate, self.learning_rate_source = cfg.train.learning_rate, "set"
+        elif entry is not None:
+            self.learning_rate = entry.learning_rate
+            self.learning_rate_source = f"default for {cfg.method.name}: {entry.source}"
+        else:
+            self.learning_rate = FALLBACK_LEARNING_RATE
+            self.learning_rate_source = "default for methods the benchmark has not swept (LoRA's)"
+        for group in torch_optimizer.param_groups:
+            group["lr"] = self.learning_rate
         self.warmup_steps = round(cfg.train.warmup_ratio * self.total_steps)
         # Not passed to accelerator.prepare: its wrapper steps a scheduler once per process
         # per optimizer step; stepping it ourselves keeps the schedule in optimizer steps.
@@ -308,6 +320,8 @@ class Trainer:
             return
         if self.main and self.log.path.exists():
             self.log.path.unlink()  # --resume before the first checkpoint: start over
+        if self.learning_rate_source != "set":
+            self._say(f"learning rate {self.learning_rate:g} ({self.learning_rate_source})")
         self.log.write(
             {
                 "event": "start",
@@ -315,6 +329,7 @@ class Trainer:
                 "total_steps": self.total_steps,
                 "steps_per_epoch": self.steps_per_epoch,
                 "learning_rate": self.learning_rate,
+                "learning_rate_source": self.learning_rate_source,
                 "ranks": self.adapted.rank_pattern(),
                 "plan": _plan(self.controller),
                 "trainable_params": self.adapted.num_trainable_parameters(),
@@ -642,6 +657,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "resolved": {
                 "learning_rate": self.learning_rate,
+                "learning_rate_source": self.learning_rate_source,
                 "warmup_steps": self.warmup_steps,
                 "trained_modules": self.loaded.trained_modules,
                 "method_config": self.adapted.config.to_dict(),
