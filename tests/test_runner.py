@@ -124,6 +124,9 @@ def test_every_default_learning_rate_names_its_source() -> None:
         ("increlora", 8, None, 2e-2),
         ("increlora", None, 282, 5e-3),
         ("adalora", 8, 48, 5e-2),
+        ("adalora", 8, 282, 5e-3),
+        ("lora", 8, 282, 5e-4),
+        ("lora", 16, 1000, 5e-4),
         # A method swept in one cell only keeps that rate at any size.
         ("full", 8, 5000, 2e-4),
         ("increlora/init=lora", 2, 282, 2e-3),

@@ -578,6 +578,13 @@ METHOD_DEFAULTS: dict[str, tuple[MethodDefaults, ...]] = {
             " 5e-3 and below 0.596",
             rank=8,
         ),
+        MethodDefaults(
+            5e-3,
+            "sweep_r8_mr3000 (validation, init=paper): 5e-3 0.824, 1e-2 0.824 (the tie goes"
+            " to the smaller), 2e-3 0.808, 2e-2 0.802, 1e-3 0.596",
+            rank=8,
+            steps=282,
+        ),
     ),
     # The LoRA-style init learns at LoRA's rate and collapses at the paper init's 1e-2 (mr
     # 0.596, QASC 0.59 vs 0.72 at 5e-3), so it gets its own default.
@@ -603,8 +610,15 @@ METHOD_DEFAULTS: dict[str, tuple[MethodDefaults, ...]] = {
         MethodDefaults(
             5e-2,
             "sweep_r8_mr500 + sweep_edge_r8_mr500 (validation): 5e-2 0.726, 2e-2 0.702,"
-            " 1e-2 0.638, 5e-3 and below 0.596",
+            " 1e-2 0.638, 5e-3 and below 0.596; sweep_edge2_r8_mr500: 1e-1 0.596",
             rank=8,
+        ),
+        MethodDefaults(
+            5e-3,
+            "sweep_r8_mr3000 (validation): 5e-3 0.822, 2e-3 0.812, 2e-2 0.802, 1e-2 0.800,"
+            " 1e-3 0.596",
+            rank=8,
+            steps=282,
         ),
     ),
     "lora": (
@@ -619,6 +633,13 @@ METHOD_DEFAULTS: dict[str, tuple[MethodDefaults, ...]] = {
             5e-3,
             "sweep_r8_mr500 (validation): 5e-3 0.750, 2e-3 0.748, 1e-3 and 1e-2 and above 0.596",
             rank=8,
+        ),
+        MethodDefaults(
+            5e-4,
+            "sweep_r8_mr3000 + sweep_low_r8_mr3000 (validation; means over seeds 0 and 4):"
+            " 5e-4 0.821, 1e-3 0.816; seed 0 only: 2e-4 0.790, 2e-3 0.600, 5e-3 and above 0.596",
+            rank=8,
+            steps=282,
         ),
     ),
     # The wide matrix's sweep (configs/sweep_wide_mr500.yaml, same primary cell).
