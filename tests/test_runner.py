@@ -127,9 +127,11 @@ def test_every_default_learning_rate_names_its_source() -> None:
         ("adalora", 8, 282, 5e-3),
         ("lora", 8, 282, 5e-4),
         ("lora", 16, 1000, 5e-4),
+        ("full", 2, 96, 2e-4),
+        ("full", 8, 5000, 5e-5),
         # A method swept in one cell only keeps that rate at any size.
-        ("full", 8, 5000, 2e-4),
         ("increlora/init=lora", 2, 282, 2e-3),
+        ("mora", 8, 282, 1e-3),
         # Equally far from rank 2 and rank 8: the primary cell wins the tie.
         ("lora", 4, 48, 2e-3),
     ],

@@ -665,6 +665,12 @@ METHOD_DEFAULTS: dict[str, tuple[MethodDefaults, ...]] = {
             "sweep_mr500 + sweep_edge_mr500 (validation): 2e-4 0.742, 5e-4 0.722, 1e-4 0.700,"
             " 2e-5/5e-5 0.596",
         ),
+        MethodDefaults(
+            5e-5,
+            "sweep_full_mr3000 + sweep_edge_full_mr3000 (validation): 5e-5 0.818, 1e-4 0.814,"
+            " 2e-5 0.810, 2e-4 0.806",
+            steps=282,
+        ),
     ),
 }
 FALLBACK_LEARNING_RATE = METHOD_DEFAULTS["lora"][0].learning_rate
