@@ -391,14 +391,15 @@ def plot_bench(runs: list[RunResult], path: Path) -> bool:
     fig, axes = plt.subplots(len(by_task), 2, figsize=(12, 3.6 * len(by_task)), squeeze=False)
     for (task, task_runs), (ax_size, ax_params) in zip(sorted(by_task.items()), axes):
         variants = len({(r.model, r.target_rank) for r in task_runs})
-        series: dict[tuple, list[tuple[int, float, float, float]]] = defaultdict(list)
+        series: dict[tuple, list[tuple[int, float, float, float, float]]] = defaultdict(list)
         for cell, cell_runs in cells(task_runs).items():
             _, _, model, size, rank = cell
             for method, row in chosen_rows(cell_rows(cell_runs)).items():
                 mean, std = mean_std(row.test if split == "test" else row.validation)
                 params = statistics.fmean(r.trainable_params for r in row.runs)
                 key = (method, _series_name(method, model, rank, variants), rank)
-                series[key].append((size, mean, std or 0.0, params))
+                validation = statistics.fmean(row.validation)
+                series[key].append((size, mean, std or 0.0, params, validation))
         sizes = sorted({p[0] for points in series.values() for p in points})
         for (method, name, rank), points in sorted(series.items()):
             points.sort()
@@ -411,6 +412,17 @@ def plot_bench(runs: list[RunResult], path: Path) -> bool:
                 continue
             line = "-" if style["headline"] else "--"
             line = line if rank in (0, 2) or variants == 1 else ":"
+            # Two benches of one method at one size (other rates): the line goes through the
+            # one validation prefers, as the protocol would choose; the other is a hollow mark.
+            best = {
+                p[0]: max((q for q in points if q[0] == p[0]), key=lambda q: q[4]) for p in points
+            }
+            others = [p for p in points if p is not best[p[0]]]
+            ax_size.scatter(
+                [p[0] for p in others], [p[1] for p in others], marker=style["marker"],
+                facecolors="none", edgecolors=style["color"], s=30,
+            )  # fmt: skip
+            points = sorted(best.values())
             ax_size.errorbar(
                 [p[0] for p in points], [p[1] for p in points], [p[2] for p in points],
                 color=style["color"], marker=style["marker"], linestyle=line, capsize=3,
@@ -419,7 +431,7 @@ def plot_bench(runs: list[RunResult], path: Path) -> bool:
         ylabel = f"{split} {task_runs[0].metric}"
         if len(sizes) == 1:  # one size: a ranked chart of the methods instead of a stack
             ranked = sorted(series.items(), key=lambda kv: kv[1][0][1])
-            for y, ((method, _name, _), [(_, mean, std, _)]) in enumerate(ranked):
+            for y, ((method, _name, _), [(_, mean, std, _, _)]) in enumerate(ranked):
                 style = styles[method]
                 ax_size.errorbar(
                     mean, y, xerr=std, color=style["color"], marker=style["marker"],
