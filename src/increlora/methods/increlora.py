@@ -8,7 +8,7 @@ is ``max_rank`` or ``min(d_in, d_out, 8 * ceil(average target rank) + add_r)``.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -34,6 +34,8 @@ class IncreLoRA(Method):
     config_class = IncreLoRAConfig
     peft_exportable = True
     size_field = "target_rank"
+    # The layer built per module (the PEFT integration builds a TripletLayer subclass).
+    layer_class: ClassVar[type[TripletLayer]] = TripletLayer
 
     @classmethod
     def size_grid(cls, config: IncreLoRAConfig) -> list[float]:
@@ -63,7 +65,7 @@ class IncreLoRA(Method):
                 raise ConfigError(
                     f"init_rank: {config.init_rank} exceeds what {name} can hold ({limit})"
                 )
-            layers[name] = TripletLayer(
+            layers[name] = self.layer_class(
                 base,
                 capacity=capacity,
                 init_rank=config.init_rank,

@@ -40,6 +40,7 @@ and FSDP2 as launched by ``accelerate launch`` / ``torchrun``.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -107,22 +108,154 @@ def merged_state_dict(model: torch.nn.Module, adapted: AdaptedModel) -> dict[str
     return state
 
 
-class _ControllerCallback(TrainerCallback):
-    """The Trainer events IncreLoRATrainer hooks into (see the module docstring)."""
+def _calling_trainer(max_depth: int = 12) -> tuple[Trainer | None, str | None]:
+    """The Trainer whose loop called this callback, and the checkpoint it resumes from.
 
-    def __init__(self, trainer: IncreLoRATrainer) -> None:
-        self.trainer = trainer
+    A callback is not given the Trainer; it is the ``self`` of a frame up the stack
+    (``Trainer._inner_training_loop``, whose ``resume_from_checkpoint`` is the resolved
+    path). Found by walking at most ``max_depth`` frames; (None, None) when not found.
+    """
+    frame = inspect.currentframe()
+    try:
+        for _ in range(max_depth):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                break
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, Trainer):
+                resume = frame.f_locals.get("resume_from_checkpoint")
+                return owner, resume if isinstance(resume, str | os.PathLike) else None
+        return None, None
+    finally:
+        del frame
+
+
+def _find_adapted(model: torch.nn.Module | None) -> Any:
+    """The AdaptedModel of the IncreLoRA PEFT adapter inside ``model``, or None."""
+    if model is None:
+        return None
+    try:
+        from ..integrations.peft_method import find_tuner
+    except ImportError:  # peft not installed: no PEFT model can be here
+        return None
+    tuner = find_tuner(model)
+    return None if tuner is None else tuner.adapted
+
+
+class IncreLoRACallback(TrainerCallback):
+    """Growth for any ``transformers.Trainer`` (plain, TRL's ``SFTTrainer``, subclasses).
+
+    ``callbacks=[IncreLoRACallback()]`` on a Trainer whose model holds an IncreLoRA adapter
+    made by ``peft.get_peft_model(model, IncreLoraConfig(...))``; pass ``adapted=`` for a
+    model made with :func:`increlora.inject`. It wires in what IncreLoRA needs:
+
+    * the controller (allocator) is built on the Trainer's optimizer when training begins,
+      for the run's ``max_steps`` (schedule fields left unset are derived from them). Every
+      adapter row is allocated up front, so the optimizer never needs rebuilding when ranks
+      grow; new ranks start with fresh optimizer moments and their own warm-up;
+    * ``controller.step()`` once per optimizer step (``on_optimizer_step``), whatever the
+      gradient accumulation; an fp16 step the grad scaler skipped is a no-op;
+    * the orthogonal regularizer (``regularize=True``): its gradient is added to the
+      adapters' gradients once per optimizer step, before ``optimizer.step()``, so it weighs
+      ``orth_reg_weight`` against a mean task loss however the Trainer, the model or a
+      custom ``compute_loss`` normalize and accumulate the task loss. It is added after the
+      Trainer's gradient clipping (not clipped) and is not part of the logged loss;
+    * each growth event is logged with ``Trainer.log`` (``state.log_history`` and every
+      ``report_to`` logger) as ``increlora/total_rank``, ``increlora/trainable_params``,
+      ``increlora/rank/<module>``..., and ``increlora/budget_reached`` at the step growth ends;
+    * every checkpoint gets the controller state (``increlora_controller.json`` +
+      ``.safetensors``), and ``resume_from_checkpoint`` restores it: growth continues exactly
+      as in an uninterrupted run; ``load_best_model_at_end`` restores the best checkpoint's
+      ranks with its weights.
+
+    After training, ``callback.controller`` is the allocator (``rank_pattern()``,
+    ``history``).
+    """
+
+    def __init__(self, adapted: Any = None, *, regularize: bool = True) -> None:
+        self.adapted = adapted
+        self.regularize = regularize
+        self.controller: Any = None
+        # Set by IncreLoRATrainer; otherwise found on the stack when training begins.
+        self.trainer: Trainer | None = None
+        self.resume_dir: str | None = None
+        self._resume_given = False
         self.pending: dict[str, Any] | None = None  # event of this step, logged at step end
 
+    # ------------------------------------------------------------------------- begin
     def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        trainer, resume = _calling_trainer()
+        if self.trainer is None:
+            self.trainer = trainer
+        if not self._resume_given:
+            self.resume_dir = str(resume) if resume else None
+        adapted = self.adapted if self.adapted is not None else _find_adapted(model)
+        if adapted is None:
+            raise ValueError(
+                "IncreLoRACallback: the Trainer's model holds no IncreLoRA adapter; wrap it with"
+                " peft.get_peft_model(model, IncreLoraConfig(...)) after `import increlora`, or"
+                " pass IncreLoRACallback(adapted=increlora.inject(model, config))"
+            )
+        self.adapted = adapted
+        if optimizer is None and trainer is not None:
+            optimizer = trainer.optimizer
+        controller = adapted.current
+        if controller is None:
+            # The accelerate wrapper, not the torch optimizer: it carries the fp16 GradScaler.
+            controller = adapted.controller(optimizer, total_steps=state.max_steps)
+        elif getattr(controller, "optimizer", None) is not unwrap_optimizer(optimizer):
+            raise RuntimeError(
+                "this adapted model already has a controller bound to another optimizer; inject"
+                " into a fresh model for a new training run"
+            )
+        self._restore(controller, args, state, model)
+        self.controller = controller
+
+    def _restore(self, controller: Any, args: Any, state: TrainerState, model: Any) -> None:
+        """On resume: the controller state of the checkpoint the Trainer resumes from."""
+        folder = Path(self.resume_dir) if self.resume_dir else None
+        if folder is None and state.global_step > 0:  # resuming, but the path is unknown
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if folder is None:
+            return
+        if (folder / f"{CONTROLLER_STATE}.json").is_file():
+            controller.load_state_dict(load_state(folder, CONTROLLER_STATE))
+            return
+        # A PEFT adapter carries the state in its weights file (loaded with the adapter).
+        tuner = _peft_tuner(model)
+        loaded = getattr(tuner, "pending_controller_state", None)
+        if loaded is not None and loaded.get("optimizer_steps") == state.global_step:
+            controller.load_state_dict(loaded)
+            return
+        raise AdapterFileError(
+            f"{folder}: no {CONTROLLER_STATE}.json; this checkpoint was not written by"
+            " IncreLoRATrainer or IncreLoRACallback, so the growth state cannot be restored"
+        )
+
+    # ---------------------------------------------------------------------- each step
+    def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self.trainer._start_controller(state.max_steps)
+        if not self.regularize or self.controller is None:
+            return
+        with torch.enable_grad():
+            regularization = self.controller.regularization_loss()
+            if regularization.requires_grad:
+                _unscale_gradients(kwargs.get("optimizer"))
+                regularization.backward()
 
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        controller = self.trainer.controller
+        controller = self.controller
         was_growing = bool(getattr(controller, "growing", False))
         event = controller.step()
         logs = event_logs(event) if event else {}
@@ -144,6 +277,9 @@ class _ControllerCallback(TrainerCallback):
         # Logged here, not in on_optimizer_step: global_step now counts the step just taken.
         if self.pending:
             logs, self.pending = self.pending, None
+            if self.trainer is None:  # no Trainer found: the history still records it
+                state.log_history.append({**logs, "step": state.global_step})
+                return control
             # Trainer.log resets control.should_log, which the default flow callback has just
             # set for a logging step: keep it, or the Trainer's loss log of this step is lost.
             should_log = control.should_log
@@ -151,12 +287,61 @@ class _ControllerCallback(TrainerCallback):
             control.should_log = should_log
         return control
 
+    # ------------------------------------------------------------ checkpoints and end
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         if state.is_world_process_zero:  # the controller state is identical on every process
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            save_state(folder, CONTROLLER_STATE, self.trainer.controller.state_dict())
+            save_state(folder, CONTROLLER_STATE, self.controller.state_dict())
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """``load_best_model_at_end``: the best checkpoint's controller state (its ranks) too."""
+        best = state.best_model_checkpoint
+        if not (args.load_best_model_at_end and best) or self.controller is None:
+            return
+        folder = Path(best)
+        if not (folder / f"{CONTROLLER_STATE}.json").is_file():
+            logger.warning(
+                "%s has no %s.json: the best weights were loaded, the ranks were not",
+                folder,
+                CONTROLLER_STATE,
+            )
+            return
+        self.controller.load_state_dict(load_state(folder, CONTROLLER_STATE))
+        logger.info("controller state (ranks) of %s restored with its weights", folder)
+
+
+def _peft_tuner(model: Any) -> Any:
+    if model is None:
+        return None
+    try:
+        from ..integrations.peft_method import find_tuner
+    except ImportError:
+        return None
+    return find_tuner(model)
+
+
+def _unscale_gradients(optimizer: Any) -> None:
+    """fp16: unscale the gradients now (as gradient clipping does) when not yet done, so a
+    gradient added before ``optimizer.step()`` is not divided by the loss scale."""
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return
+    from torch.amp.grad_scaler import OptState
+
+    inner = unwrap_optimizer(optimizer)
+    if scaler._per_optimizer_states[id(inner)]["stage"] is not OptState.UNSCALED:
+        scaler.unscale_(inner)
+
+
+class _ExportCallback(TrainerCallback):
+    """IncreLoRATrainer's PEFT export when training ends (after the best ranks are back)."""
+
+    def __init__(self, trainer: IncreLoRATrainer) -> None:
+        self.trainer = trainer
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -194,10 +379,18 @@ class IncreLoRATrainer(Trainer):
             )
         self.adapted = adapted
         self.export_dir = export_dir
-        self.controller: Any = None
-        self._resume_dir: str | None = None
         self._loss_uses_num_items: bool | None = None  # measured once, see regularizer_scale
-        self.add_callback(_ControllerCallback(self))
+        # The regularizer is added in compute_loss here (weighted like the task loss under
+        # accumulation, and clipped with it), so the callback does not add its gradient.
+        self.increlora_callback = IncreLoRACallback(adapted, regularize=False)
+        self.increlora_callback.trainer = self
+        self.add_callback(self.increlora_callback)
+        self.add_callback(_ExportCallback(self))
+
+    @property
+    def controller(self) -> Any:
+        """The method's controller (IncreLoRA's allocator) once training has begun."""
+        return self.increlora_callback.controller
 
     # ---------------------------------------------------------------------- training
     def train(
@@ -208,7 +401,8 @@ class IncreLoRATrainer(Trainer):
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in {self.args.output_dir}")
-        self._resume_dir = resume_from_checkpoint or None
+        self.increlora_callback.resume_dir = resume_from_checkpoint or None
+        self.increlora_callback._resume_given = True
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def compute_loss(
@@ -301,43 +495,6 @@ class IncreLoRATrainer(Trainer):
                 "uses" if self._loss_uses_num_items else "ignores",
             )
         return self._loss_uses_num_items
-
-    # -------------------------------------------------------------------- controller
-    def _start_controller(self, total_steps: int) -> None:
-        """Build (or reuse) the controller on the prepared optimizer; restore it on resume."""
-        optimizer = unwrap_optimizer(self.optimizer)
-        controller = self.adapted.current
-        if controller is None:
-            # The accelerate wrapper, not the torch optimizer: it carries the fp16 GradScaler.
-            controller = self.adapted.controller(self.optimizer, total_steps=total_steps)
-        elif getattr(controller, "optimizer", optimizer) is not optimizer:
-            raise RuntimeError(
-                "this adapted model already has a controller bound to another optimizer; inject"
-                " into a fresh model for a new training run"
-            )
-        if self._resume_dir is not None:
-            folder = Path(self._resume_dir)
-            if not (folder / f"{CONTROLLER_STATE}.json").is_file():
-                raise AdapterFileError(
-                    f"{folder}: no {CONTROLLER_STATE}.json; this checkpoint was not written by"
-                    " IncreLoRATrainer, so the growth state cannot be restored"
-                )
-            controller.load_state_dict(load_state(folder, CONTROLLER_STATE))
-        self.controller = controller
-
-    def _load_best_model(self) -> None:
-        """``load_best_model_at_end``: the best checkpoint's controller state (its ranks) too."""
-        super()._load_best_model()
-        folder = Path(self.state.best_model_checkpoint)
-        if self.controller is None or not (folder / f"{CONTROLLER_STATE}.json").is_file():
-            logger.warning(
-                "%s has no %s.json: the best weights were loaded, the ranks were not",
-                folder,
-                CONTROLLER_STATE,
-            )
-            return
-        self.controller.load_state_dict(load_state(folder, CONTROLLER_STATE))
-        logger.info("controller state (ranks) of %s restored with its weights", folder)
 
     # ------------------------------------------------------------------------ saving
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -1,0 +1,93 @@
+"""Where LoRA users already are: IncreLoRA as a PEFT method and growth in any Trainer.
+
+* :class:`IncreLoraConfig` — ``peft.get_peft_model(model, IncreLoraConfig(target_rank=2,
+  task_type="SEQ_CLS"))`` (registered with PEFT by ``import increlora`` when peft is
+  installed); the model's layers are this package's triplet layers.
+* :class:`IncreLoRACallback` — drives the growth inside any ``transformers.Trainer``
+  (plain, TRL's ``SFTTrainer``...): ``callbacks=[IncreLoRACallback()]``.
+* :func:`export_lora` — the trained adapter as plain PEFT LoRA with ``rank_pattern``.
+
+Names are imported on first use (peft and the Trainer are heavy imports). See docs/peft.md.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["IncreLoRACallback", "IncreLoraConfig", "IncreLoraModel", "export_lora", "register"]
+
+
+def register() -> bool:
+    """Register IncreLoRA with PEFT; False (nothing done) when peft is not installed."""
+    try:
+        from .peft_method import register as _register
+    except ImportError:
+        return False
+    _register()
+    return True
+
+
+class _RegisterWhenPeftLoads(importlib.abc.MetaPathFinder):
+    """Registers IncreLoRA with PEFT right after ``peft`` is first imported.
+
+    ``import increlora`` does not import peft (it doubles the import time); a PEFT config
+    file naming INCRELORA still loads, because importing peft registers the method.
+    """
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != "peft":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_then_register(module: Any) -> None:
+            exec_module(module)
+            register()
+
+        loader.exec_module = exec_then_register
+        return spec
+
+
+def register_when_peft_loads() -> None:
+    """Register now if peft is imported, else as soon as it is (``import increlora``)."""
+    if sys.modules.get("peft") is not None:
+        register()
+    elif not any(isinstance(f, _RegisterWhenPeftLoads) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterWhenPeftLoads())
+
+
+def export_lora(model: Any, path: str | Path, adapter_name: str = "default") -> dict[str, Any]:
+    """Write the IncreLoRA adapter of a PeftModel as plain PEFT LoRA (``rank_pattern``).
+
+    The result loads with ``peft.PeftModel.from_pretrained`` alone (no increlora) and serves
+    where PEFT LoRA adapters do (vLLM, TGI). Returns the written adapter_config.
+    """
+    from .peft_method import find_tuner
+
+    tuner = find_tuner(model)
+    if tuner is None:
+        raise ValueError(
+            "export_lora: the model holds no IncreLoRA PEFT adapter; pass the PeftModel that"
+            " peft.get_peft_model(model, IncreLoraConfig(...)) returned"
+        )
+    return tuner.export_lora(path, adapter_name)
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("IncreLoraConfig", "IncreLoraModel", "IncreLoraLayer"):
+        from . import peft_method
+
+        return getattr(peft_method, name)
+    if name == "IncreLoRACallback":
+        from ..training.hf import IncreLoRACallback
+
+        return IncreLoRACallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
