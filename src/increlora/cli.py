@@ -553,6 +553,39 @@ class _TqdmHandler(logging.Handler):
 
         tqdm.write(self.format(record), file=sys.stderr)
 
+# ------------------------------------------------------------------------ tasks
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from .tasks.catalog import check, listing
+
+    if not args.check:
+        print(listing())
+        return 0
+    failures = check(args.cache_dir)
+    for line in failures:
+        print(f"increlora: task {line}", file=sys.stderr)
+    if not failures:
+        print("increlora: every built-in task fetched into a fresh cache and loaded")
+    return 1 if failures else 0
+
+
+def _add_tasks(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "tasks",
+        help="list the built-in tasks: kind, source archive, licence, split sizes, cached or not",
+        description="List every built-in task with data of its own (no download). --check"
+        " fetches each into a fresh cache and loads it, one line per task that failed.",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="fetch every task into a fresh cache (a temporary folder) and load it",
+    )
+    parser.add_argument(
+        "--cache-dir", help="with --check: the cache to fetch into (default: a fresh temporary one)"
+    )
+    parser.set_defaults(func=cmd_tasks)
+
+
 
 def _setup_logging() -> None:
     handler = _TqdmHandler()
@@ -592,6 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .runner.loop import TrainingStopped
     from .runner.model import ModelLoadError
 
+    _add_tasks(sub)
     args = build_parser().parse_args(argv)
     _setup_logging()
     try:

