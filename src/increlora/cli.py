@@ -544,15 +544,6 @@ def _add_bench_report(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=cmd_report)
 
 
-# ------------------------------------------------------------------------ main
-class _TqdmHandler(logging.Handler):
-    """Log lines that do not break a progress bar on screen."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        from tqdm.auto import tqdm
-
-        tqdm.write(self.format(record), file=sys.stderr)
-
 # ------------------------------------------------------------------------ tasks
 def cmd_tasks(args: argparse.Namespace) -> int:
     from .tasks.catalog import check, listing
@@ -586,6 +577,15 @@ def _add_tasks(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=cmd_tasks)
 
 
+# ------------------------------------------------------------------------ main
+class _TqdmHandler(logging.Handler):
+    """Log lines that do not break a progress bar on screen."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
 
 def _setup_logging() -> None:
     handler = _TqdmHandler()
@@ -616,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate_export(sub)
     _add_bench_report(sub)
+    _add_tasks(sub)
     return parser
 
 
@@ -625,7 +626,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .runner.loop import TrainingStopped
     from .runner.model import ModelLoadError
 
-    _add_tasks(sub)
     args = build_parser().parse_args(argv)
     _setup_logging()
     try:
