@@ -104,6 +104,29 @@ def test_resume_from_a_mid_growth_checkpoint_is_exact(straight, tmp_path):
         torch.testing.assert_close(p, expected[name], rtol=0, atol=0, msg=name)
 
 
+def test_load_best_model_at_end_restores_the_best_ranks(tmp_path):
+    evaluations: list[int] = []
+
+    def earliest_is_best(prediction):  # best at the first evaluation (step 3, before growth)
+        evaluations.append(1)
+        return {"score": -float(len(evaluations))}
+
+    model = peft.get_peft_model(MODEL_CASES["bert"].make(), _config())
+    callback = IncreLoRACallback()
+    args = _arguments(
+        tmp_path, eval_strategy="steps", eval_steps=3, load_best_model_at_end=True,
+        metric_for_best_model="score", greater_is_better=True,
+    )  # fmt: skip
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=_dataset(), eval_dataset=_dataset(8),
+        compute_metrics=earliest_is_best, callbacks=[callback],
+    )  # fmt: skip
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-3")
+    assert callback.controller.total_rank == 12  # the initial rank 1 of the 12 modules
+    assert set(find_tuner(model).rank_pattern().values()) == {1}
+
+
 def _orthogonal_penalty(model: torch.nn.Module, gamma: float) -> torch.Tensor:
     """gamma * mean over modules of (||A A^T - I|| + ||B^T B - I||) / 2, used ranks (plain torch)."""
     terms = []

@@ -1,6 +1,9 @@
-"""Hugging Face Trainer integration: a Trainer that runs the method's controller for you.
+"""Hugging Face Trainer integration: the method's controller run for you.
 
-One line replaces ``Trainer``::
+:class:`IncreLoRACallback` does it inside any ``transformers.Trainer`` subclass (plain,
+TRL's ``SFTTrainer``...), for a PEFT model (``get_peft_model(model, IncreLoraConfig(...))``)
+or an ``increlora.inject``-ed one. :class:`IncreLoRATrainer` is the convenience over it for
+``increlora.inject``: one line replaces ``Trainer``::
 
     adapted = increlora.inject(model, IncreLoRAConfig(target_rank=2))
     trainer = IncreLoRATrainer(model=model, adapted=adapted, args=args, train_dataset=ds)
