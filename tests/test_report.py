@@ -47,6 +47,13 @@ def _write_run(
     (out / "run_config.json").write_text(json.dumps(config))
 
 
+def _report_text(directory, output):
+    """The report and, where it has one, its sweep appendix (``<stem>_sweeps.md``)."""
+    path = report.write_report(directory, output)
+    appendix = path.with_name(f"{path.stem}_sweeps.md")
+    return path.read_text() + (appendix.read_text() if appendix.is_file() else "")
+
+
 def test_learning_rate_is_chosen_on_validation_never_on_test(tmp_path):
     # lr 1e-3 wins on validation but loses on test: it must still be the chosen one.
     for seed in (0, 1):
@@ -55,17 +62,17 @@ def test_learning_rate_is_chosen_on_validation_never_on_test(tmp_path):
     runs = report.collect(tmp_path)
     chosen = report.chosen_rows(report.cell_rows(runs))
     assert chosen["lora"].learning_rate == 1e-3
-    text = (report.write_report(tmp_path, tmp_path / "r.md")).read_text()
-    assert "| lora | 0.001 (chosen) | 0,1 | 0.800 ± 0.000 | 0.700 ± 0.000 |" in text
+    text = _report_text(tmp_path, tmp_path / "r.md")
+    assert "| lora | 0.001 (best here) | 0,1 | 0.800 ± 0.000 | 0.700 ± 0.000 |" in text
     assert "grid edge" not in text  # two rates tried: no edge to speak of
     assert "4 runs, 8 minutes of run wall time in all" in text  # 4 x 120 s
     _write_run(tmp_path, "lora", 3e-4, 0, val=0.60, test=0.60)
-    text = (report.write_report(tmp_path, tmp_path / "r.md")).read_text()
-    assert "| lora | 0.001 (chosen) |" in text  # the middle of three rates
+    text = _report_text(tmp_path, tmp_path / "r.md")
+    assert "| lora | 0.001 (best here) |" in text  # the middle of three rates
     _write_run(tmp_path, "lora", 1e-4, 0, val=0.90, test=0.60)
-    text = (report.write_report(tmp_path, tmp_path / "r.md")).read_text()
-    assert "| lora | 0.0001 (chosen; grid edge ⚠) |" in text
-    assert "grid edge ⚠: the chosen rate is the smallest or largest tried" in text
+    text = _report_text(tmp_path, tmp_path / "r.md")
+    assert "| lora | 0.0001 (best here; grid edge ⚠) |" in text
+    assert "grid edge ⚠: the best rate here is the smallest or largest tried" in text
 
 
 def test_paired_differences_use_the_shared_seeds(tmp_path):
@@ -121,7 +128,7 @@ def test_base_model_score_of_causal_runs_is_reported(tmp_path):
         path.write_text(json.dumps(metrics))
     runs = report.collect(tmp_path)
     assert [r.base_test for r in runs] == [0.05, 0.05]
-    text = report.write_report(tmp_path, tmp_path / "r.md").read_text()
+    text = _report_text(tmp_path, tmp_path / "r.md")
     assert "The base model (adapters off) scores 0.050 test accuracy" in text
 
 
@@ -150,8 +157,9 @@ def test_validation_is_carved_from_train_and_the_eval_split_becomes_test():
 def test_committed_report_regenerates_from_committed_summaries(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     out = report.write_report("results", tmp_path / "results.md")
-    committed = (REPO / "docs" / "results.md").read_text(encoding="utf-8")
-    assert out.read_text(encoding="utf-8") == committed
+    for name in ("results.md", "results_sweeps.md"):
+        committed = (REPO / "docs" / name).read_text(encoding="utf-8")
+        assert (out.parent / name).read_text(encoding="utf-8") == committed
 
 
 def test_rows_stuck_at_the_majority_class_are_flagged(tmp_path):
@@ -163,10 +171,10 @@ def test_rows_stuck_at_the_majority_class_are_flagged(tmp_path):
     # One seed of three collapsed: the row learned, but its mean and std carry that seed.
     for seed, val in ((0, 0.80), (1, 0.596), (2, 0.81)):
         _write_run(tmp_path, "mora", 2e-2, seed, val=val, test=val - 0.02, **floor)
-    text = report.write_report(tmp_path, tmp_path / "r.md").read_text()
+    text = _report_text(tmp_path, tmp_path / "r.md")
     assert "| lora ⚠ majority class | 0.0001 |" in text
     assert "| mora ⚠ majority class on 1 of 3 seeds | 0.02 |" in text
-    assert "| lora | 0.002 (chosen) |" in text
+    assert "| lora | 0.002 (best here) |" in text
     assert "| sora | 0.0001 |" in text  # old runs without a recorded floor are not guessed
     assert "⚠ majority class: on validation, no better than always predicting" in text
 
@@ -178,11 +186,11 @@ def test_a_bare_increlora_label_is_shown_with_its_init(tmp_path):
     for init in ("lora", "paper"):
         resolved = {"learning_rate": 1e-2, "plan": None, "method_config": {"init": init}}
         _write_run(tmp_path / init, "increlora", 1e-2, 0, val=0.7, test=0.7, resolved=resolved)
-        text = report.write_report(tmp_path / init, tmp_path / f"{init}.md").read_text()
+        text = _report_text(tmp_path / init, tmp_path / f"{init}.md")
         assert f"| increlora-{init}init | 0.01 |" in text
         assert [run.method for run in report.collect(tmp_path / init)] == ["increlora"]
     _write_run(tmp_path / "old", "increlora", 1e-2, 0, val=0.7, test=0.7)  # init not recorded
-    text = report.write_report(tmp_path / "old", tmp_path / "old.md").read_text()
+    text = _report_text(tmp_path / "old", tmp_path / "old.md")
     assert "| increlora | 0.01 |" in text
 
 
@@ -195,6 +203,6 @@ def test_a_sweep_bench_gets_validation_curves_and_a_final_bench_gets_scores(tmp_
     assert report.is_sweep(report.collect(tmp_path / "sweep"))
     assert not report.is_sweep(report.collect(tmp_path / "final"))
     for bench in ("sweep", "final"):
-        text = report.write_report(tmp_path / bench, tmp_path / f"{bench}.md").read_text()
-        assert f"![bench]({bench}_bench.png)" in text
-        assert (tmp_path / f"{bench}_bench.png").stat().st_size > 1000
+        text = _report_text(tmp_path / bench, tmp_path / f"{bench}.md")
+        assert f"![bench]({bench}_figures/{bench}_bench.png)" in text
+        assert (tmp_path / f"{bench}_figures" / f"{bench}_bench.png").stat().st_size > 1000

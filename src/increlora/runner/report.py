@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import shutil
 import statistics
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 from ..io import atomic_write_text, read_json
 from . import outputs as O
 from .plots import plt
+from .stats import MARGIN, MIN_SEEDS, paired_interval, t_interval
 
 VERDICT = "VERDICT.md"
 REFERENCES = ("lora", "adalora")  # what IncreLoRA variants are compared with, paired by seed
@@ -54,6 +56,7 @@ class RunResult:
     base_test: float | None = None  # causal LM: the base model (adapters off) on test
     constant: float | None = None  # validation score of always predicting the train majority
     init: str | None = None  # IncreLoRA's initialisation (paper / lora), where recorded
+    adapter_params: int | None = None  # without the task head (recorded since the GLUE study)
 
     @property
     def cell(self) -> tuple:
@@ -109,6 +112,7 @@ def load_run(path: Path, root: Path) -> RunResult:
         base_test=_base_test(m, test_split),
         constant=((m.get("constant_baseline") or {}).get("scores") or {}).get(selection),
         init=((m.get("resolved") or {}).get("method_config") or {}).get("init"),
+        adapter_params=m.get("adapter_params"),
     )
 
 
@@ -275,17 +279,32 @@ def _cell_title(cell: tuple) -> str:
     return f"{task}, {size or 'all'} training examples, {model}, average rank {rank:g}"
 
 
-def cell_markdown(cell: tuple, runs: list[RunResult]) -> str:
+def _adapter_params(row: Row, reference: Row | None) -> str:
+    """Mean adapter parameters (no task head) and the gap to LoRA's in the same cell."""
+    counts = [r.adapter_params for r in row.runs]
+    if any(c is None for c in counts):
+        return "not recorded"
+    mean = statistics.fmean(counts)
+    ref = [r.adapter_params for r in reference.runs] if reference is not None else []
+    if reference is None or reference is row or any(c is None for c in ref):
+        return f"{mean:,.0f}"
+    return f"{mean:,.0f} ({mean / statistics.fmean(ref) - 1:+.1%})"
+
+
+def cell_markdown(cell: tuple, runs: list[RunResult], sweep: bool = False) -> str:
     rows = cell_rows(runs)
     chosen = chosen_rows(rows)
     several = {m for m in chosen if sum(r.method == m for r in rows) > 1}
     metric, steps = runs[0].metric, runs[0].steps
+    lora = chosen.get("lora")
     lines = [
         f"### {_cell_title(cell)}\n",
         f"{steps} optimizer steps; {metric} of the adapter picked on validation;"
-        " ± is the sample std over seeds.\n",
-        "| method | lr | seeds | validation | test | trainable params | time / run |",
-        "|---|---|---|---|---|---|---|",
+        " ± is the sample std over seeds. Adapter params: trainable parameters without the"
+        " task head, with the gap to LoRA's.\n",
+        "| method | lr | seeds | validation | test | adapter params | trainable params |"
+        " time / run |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     any_edge = False
     for row in rows:
@@ -294,7 +313,7 @@ def cell_markdown(cell: tuple, runs: list[RunResult]) -> str:
             tried = [r.learning_rate for r in rows if r.method == row.method]
             edge = at_grid_edge(row.learning_rate, tried)
             any_edge = any_edge or edge
-            mark = " (chosen; grid edge ⚠)" if edge else " (chosen)"
+            mark = " (best here; grid edge ⚠)" if edge else " (best here)"
         uniform = " ⚠ uniform" if any(r.uniform_allocation for r in row.runs) else ""
         if row.learned_nothing:
             uniform += " ⚠ majority class"
@@ -305,12 +324,19 @@ def cell_markdown(cell: tuple, runs: list[RunResult]) -> str:
         lines.append(
             f"| {row.method}{uniform} | {row.learning_rate:g}{mark} |"
             f" {','.join(map(str, row.seeds))} | {fmt(row.validation)} | {fmt(row.test)} |"
-            f" {params:,.0f} | {wall:.1f} min |"
+            f" {_adapter_params(row, lora)} | {params:,.0f} | {wall:.1f} min |"
         )
+    if several:
+        lines += [
+            "",
+            "(best here): the best mean validation score in this table. The rate a final bench"
+            " used is chosen over every sweep of its cell (seeds 0 and, where run, a second"
+            " sweep seed) and is the one its own table lists.",
+        ]
     if any_edge:
         lines += [
             "",
-            "grid edge ⚠: the chosen rate is the smallest or largest tried; the grid may"
+            "grid edge ⚠: the best rate here is the smallest or largest tried; the grid may"
             " understate that method (extend it one step to check).",
         ]
     if any(row.seeds_at_majority for row in rows):
@@ -327,22 +353,38 @@ def cell_markdown(cell: tuple, runs: list[RunResult]) -> str:
             f"The base model (adapters off) scores {fmt(sorted(set(base)))} test {metric} on"
             f" the same examples (measured by {len(base)} run{'s' if len(base) > 1 else ''}).",
         ]
-    pairs = paired(chosen)
+    pairs = [] if sweep else paired(chosen)
     if pairs:
         lines += [
             "",
-            "Paired by seed (test score difference, method minus reference, at each"
-            " method's chosen learning rate):\n",
-            "| method | vs | seeds | per-seed differences | mean ± std |",
-            "|---|---|---|---|---|",
+            "Paired by seed (test score difference, method minus reference), with the 95%"
+            " t-interval and paired bootstrap interval of the mean and the decision rule's word"
+            f" (docs/benchmark.md: their union against 0 and ±{MARGIN:g}; fewer than"
+            f" {MIN_SEEDS} seeds: preliminary):\n",
+            "| method | vs | seeds | per-seed differences | mean ± std | 95% t | 95% bootstrap"
+            " | word |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for p in pairs:
             diffs = ", ".join(f"{d:+.3f}" for d in p["diffs"])
+            result = paired_interval(p["diffs"])
             lines.append(
                 f"| {p['method']} | {p['reference']} | {','.join(map(str, p['seeds']))} |"
-                f" {diffs} | {fmt(p['diffs'])} |"
+                f" {diffs} | {fmt_signed(p['diffs'])} | {_interval(result.t_interval)} |"
+                f" {_interval(result.bootstrap_interval)} | {result.label} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def fmt_signed(values: list[float], digits: int = 3) -> str:
+    """``fmt`` with an explicit sign on the mean (a difference reads +0.004, not 0.004)."""
+    mean, std = mean_std(values)
+    text = f"{mean:+.{digits}f}"
+    return f"{text} ± {std:.{digits}f}" if std is not None else text
+
+
+def _interval(interval: tuple[float, float] | None) -> str:
+    return "-" if interval is None else f"[{interval[0]:+.3f}, {interval[1]:+.3f}]"
 
 
 def cells(runs: list[RunResult]) -> dict[tuple, list[RunResult]]:
@@ -359,17 +401,48 @@ _COLORS = [plt.get_cmap("tab20")(i) for i in (0, 2, 4, 6, 8, 10, 12, 14, 16, 18,
 _MARKERS = "osD^v<>pPX*hH8d"
 
 
-def _styles(methods: list[str]) -> dict[str, dict[str, Any]]:
-    """One colour and marker per method, stable across the panels of a figure (matplotlib's
-    default cycle repeats after 10 and gave two methods one colour)."""
+KNOWN_METHODS = (
+    "lora",
+    "increlora-paper",
+    "increlora-paperinit",
+    "increlora-defaults",
+    "increlora-lorainit",
+    "adalora",
+    "full",
+    "sora",
+    "prilora",
+    "melora",
+    "mora",
+    "lorta",
+    "lora-mini",
+    "peft-lora",
+    "peft-adalora",
+)
+"""Methods with a fixed colour and marker in every figure of every report."""
+
+
+def style_of(method: str) -> dict[str, Any]:
+    """The one colour and marker of a method, the same in every figure: a known method by
+    its place in KNOWN_METHODS, any other label by a checksum of its name."""
+    if method in KNOWN_METHODS:
+        i = KNOWN_METHODS.index(method)
+    else:
+        i = len(KNOWN_METHODS) + zlib.crc32(method.encode()) % 97
     return {
-        method: {
-            "color": _COLORS[i % len(_COLORS)],
-            "marker": _MARKERS[i % len(_MARKERS)],
-            "headline": method.startswith(HEADLINE),
-        }
-        for i, method in enumerate(sorted(methods))
+        "color": _COLORS[i % len(_COLORS)],
+        "marker": _MARKERS[i % len(_MARKERS)],
+        "headline": method.startswith(HEADLINE),
     }
+
+
+def _styles(methods: list[str]) -> dict[str, dict[str, Any]]:
+    return {method: style_of(method) for method in methods}
+
+
+def half_width(values: list[float]) -> float:
+    """Half the 95% t-interval of the mean (0 for one value): the plots' error bars."""
+    interval = t_interval(values)
+    return 0.0 if interval is None else (interval[1] - interval[0]) / 2
 
 
 def _series_name(method: str, model: str, rank: float, variants: int) -> str:
@@ -395,7 +468,8 @@ def plot_bench(runs: list[RunResult], path: Path) -> bool:
         for cell, cell_runs in cells(task_runs).items():
             _, _, model, size, rank = cell
             for method, row in chosen_rows(cell_rows(cell_runs)).items():
-                mean, std = mean_std(row.test if split == "test" else row.validation)
+                values = row.test if split == "test" else row.validation
+                mean, std = statistics.fmean(values), half_width(values)
                 params = statistics.fmean(r.trainable_params for r in row.runs)
                 key = (method, _series_name(method, model, rank, variants), rank)
                 validation = statistics.fmean(row.validation)
@@ -404,9 +478,11 @@ def plot_bench(runs: list[RunResult], path: Path) -> bool:
         for (method, name, rank), points in sorted(series.items()):
             points.sort()
             style = styles[method]
+            # Rank by fill: filled marks rank 2 (or the only rank), hollow marks rank 8.
+            fill = style["color"] if rank in (0, 2) or variants == 1 else "none"
             ax_params.scatter(
-                [p[3] for p in points], [p[1] for p in points], color=style["color"],
-                marker=style["marker"], label=name,
+                [p[3] for p in points], [p[1] for p in points], facecolors=fill,
+                edgecolors=style["color"], marker=style["marker"], label=name,
             )  # fmt: skip
             if len(sizes) == 1:
                 continue
@@ -427,8 +503,9 @@ def plot_bench(runs: list[RunResult], path: Path) -> bool:
                 [p[0] for p in points], [p[1] for p in points], [p[2] for p in points],
                 color=style["color"], marker=style["marker"], linestyle=line, capsize=3,
                 linewidth=1.8 if style["headline"] else 0.9, markersize=5, label=name,
+                markerfacecolor=fill,
             )  # fmt: skip
-        ylabel = f"{split} {task_runs[0].metric}"
+        ylabel = f"{split} {task_runs[0].metric} (bars: 95% interval of the mean)"
         if len(sizes) == 1:  # one size: a ranked chart of the methods instead of a stack
             ranked = sorted(series.items(), key=lambda kv: kv[1][0][1])
             for y, ((method, _name, _), [(_, mean, std, _, _)]) in enumerate(ranked):
@@ -454,7 +531,8 @@ def plot_bench(runs: list[RunResult], path: Path) -> bool:
         else:  # a log axis over less than a decade prints overlapping minor labels
             ax_params.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
         ax_params.set_xlabel("trainable parameters")
-        ax_params.set_title(f"{task}: {split} score vs trainable parameters", fontsize=10)
+        rank_key = " (filled: rank 2, hollow: rank 8)" if variants > 1 else ""
+        ax_params.set_title(f"{task}: {split} score vs trainable parameters{rank_key}", fontsize=9)
         ax_params.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -473,7 +551,8 @@ def is_sweep(runs: list[RunResult]) -> bool:
 
 def plot_sweep(runs: list[RunResult], path: Path) -> bool:
     """One panel per cell: mean validation score against learning rate per method (the curve
-    the choice is made on), the chosen rate ringed, the majority-class floor dashed."""
+    the choice is made on), the best rate here ringed, the majority-class floor dashed where
+    the runs recorded it."""
     grouped = cells(runs)
     if not grouped:
         return False
@@ -500,14 +579,15 @@ def plot_sweep(runs: list[RunResult], path: Path) -> bool:
                 [best.learning_rate], [statistics.fmean(best.validation)], s=140,
                 facecolors="none", edgecolors=style["color"], linewidths=1.5,
             )  # fmt: skip
-        floors = {r.constant for r in cell_runs if r.constant is not None}
-        if len(floors) == 1:
-            ax.axhline(floors.pop(), color="grey", linestyle="--", linewidth=0.8)
+        floors = [r.constant for r in cell_runs if r.constant is not None]
+        if floors:  # one validation set per cell: every run records the same floor
+            ax.axhline(max(floors), color="grey", linestyle="--", linewidth=0.8)
         rates = sorted({row.learning_rate for row in table})
         ax.set_xscale("log")
         ax.set_xticks(rates, [f"{lr:g}" for lr in rates], fontsize=7, rotation=45)
         ax.minorticks_off()
-        ax.set_xlabel("learning rate (ringed: chosen; dashed: majority class)")
+        floor_key = "; dashed: majority class" if floors else ""
+        ax.set_xlabel(f"learning rate (ringed: best here{floor_key})")
         ax.set_ylabel(f"validation {cell_runs[0].metric}")
         ax.set_title(_cell_title(cell), fontsize=9)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
@@ -531,9 +611,43 @@ def _cost(runs: list[RunResult]) -> str:
 
 
 def _bench_order(name: str) -> tuple[int, str]:
-    """Headline benches (core*) first, then ablations, then sweeps and the rest."""
-    rank = 0 if name.startswith("core") else 1 if name.startswith("ablation") else 2
+    """The GLUE study first, then the short-training study's headline benches (core*), then
+    ablations, then sweeps and the rest."""
+    leaf = name.rsplit("/", 1)[-1]
+    if name.startswith("glue/"):
+        return (0 if not leaf.startswith("sweep") else 4), name
+    rank = 1 if leaf.startswith("core") else 2 if leaf.startswith("ablation") else 3
     return rank, name
+
+
+def decision_table(by_bench: dict[str, list[RunResult]]) -> str:
+    """Every paired comparison of the final benches, worded by the decision rule."""
+    lines = [
+        "## Every comparison, by the decision rule\n",
+        "Test score of each IncreLoRA variant minus LoRA's and AdaLoRA's, paired by seed, at"
+        " each method's chosen rate; the 95% interval is the union of the t-interval and the"
+        f" paired bootstrap (docs/benchmark.md); the margin is ±{MARGIN:g}. With fewer than"
+        f" {MIN_SEEDS} seeds a word is preliminary.\n",
+        "| bench | cell | method | vs | seeds | mean | 95% interval | word |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    found = False
+    for bench, bench_runs in sorted(by_bench.items(), key=lambda kv: _bench_order(kv[0])):
+        if is_sweep(bench_runs):
+            continue
+        for cell, cell_runs in cells(bench_runs).items():
+            _, task, model, size, rank = cell
+            where = f"{task}, {size or 'all'} ex., {model}, r{rank:g}"
+            for p in paired(chosen_rows(cell_rows(cell_runs))):
+                if p["method"].startswith("peft-"):
+                    continue
+                result = paired_interval(p["diffs"])
+                found = True
+                lines.append(
+                    f"| {bench} | {where} | {p['method']} | {p['reference']} | {result.n} |"
+                    f" {result.mean:+.3f} | {_interval(result.union)} | {result.label} |"
+                )
+    return "\n".join(lines) + "\n" if found else ""
 
 
 def write_report(directory: str | Path, output: str | Path | None = None) -> Path:
@@ -543,6 +657,8 @@ def write_report(directory: str | Path, output: str | Path | None = None) -> Pat
     if not runs:
         raise FileNotFoundError(f"{directory}: no finished runs (no {O.METRICS} below it)")
     output = Path(output) if output is not None else directory / "report.md"
+    figures = output.parent / f"{output.stem}_figures"  # every plot in one folder
+    figures.mkdir(parents=True, exist_ok=True)
     parts = []
     verdict = directory / VERDICT
     if verdict.is_file():
@@ -556,19 +672,35 @@ def write_report(directory: str | Path, output: str | Path | None = None) -> Pat
     by_bench: dict[str, list[RunResult]] = defaultdict(list)
     for run in runs:
         by_bench[run.bench].append(run)
+    parts.append(decision_table(by_bench))
     core = [r for r in runs if r.bench.startswith("core")]
     if core:  # the headline benches, all sizes in one figure
-        plot = output.parent / f"{output.stem}_core.png"
+        plot = figures / f"{output.stem}_core.png"
         if plot_bench(core, plot):
-            parts.append(f"![core benches: every size]({plot.name})\n")
+            parts.append(f"![core benches: every size]({figures.name}/{plot.name})\n")
+    appendix_path = output.parent / f"{output.stem}_sweeps{output.suffix or '.md'}"
+    appendix = [
+        f"# Learning-rate sweeps behind {output.name}\n",
+        f"Generated by `increlora report {directory}` with {output.name}. Validation scores"
+        " choose each method's rate (docs/benchmark.md); test scores of sweep runs are shown"
+        " but never used to choose.\n",
+    ]
     for bench, bench_runs in sorted(by_bench.items(), key=lambda kv: _bench_order(kv[0])):
         name = bench or directory.name
-        parts.append(f"## {name}\n")
-        parts.append(_cost(bench_runs))
+        sweep = is_sweep(bench_runs)
+        target = appendix if sweep else parts
+        target.append(f"## {name}\n")
+        target.append(_cost(bench_runs))
         for cell, cell_runs in cells(bench_runs).items():
-            parts.append(cell_markdown(cell, cell_runs))
-        plot = output.parent / f"{output.stem}_{name.replace('/', '_')}.png"
-        if (plot_sweep if is_sweep(bench_runs) else plot_bench)(bench_runs, plot):
-            parts.append(f"![{name}]({plot.name})\n")
+            target.append(cell_markdown(cell, cell_runs, sweep=sweep))
+        plot = figures / f"{output.stem}_{name.replace('/', '_')}.png"
+        if (plot_sweep if sweep else plot_bench)(bench_runs, plot):
+            target.append(f"![{name}]({figures.name}/{plot.name})\n")
+    if len(appendix) > 2:
+        parts.append(
+            f"The learning-rate sweeps behind these benches are in [{appendix_path.name}]"
+            f"({appendix_path.name}).\n"
+        )
+        atomic_write_text(appendix_path, "\n".join(appendix))
     atomic_write_text(output, "\n".join(parts))
     return output
