@@ -692,7 +692,7 @@ METHOD_DEFAULTS: dict[str, tuple[MethodDefaults, ...]] = {
             steps=282,
         ),
     ),
-    # The wide matrix's sweep (configs/sweep_wide_mr500.yaml, same primary cell).
+    # The wide matrix's sweep (configs/bench/mr/sweep_wide_mr500.yaml, same primary cell).
     "sora": (MethodDefaults(2e-3, "sweep_wide_mr500 (validation): 2e-3 0.736, 5e-3 0.726"),),
     "prilora": (MethodDefaults(2e-3, "sweep_wide_mr500 (validation): 2e-3 0.746, 5e-3 0.722"),),
     "melora": (
