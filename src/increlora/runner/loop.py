@@ -626,7 +626,7 @@ class Trainer:
         return {
             "status": "finished",
             "model": self.config.model,
-            "model_path": self.loaded.resolved.path,
+            "model_path": O.public_path(self.loaded.resolved.path),
             "task": task.name,
             "method": self.config.method.name,
             "target_rank": self.config.method.target_rank,

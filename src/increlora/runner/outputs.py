@@ -171,6 +171,24 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     ]
 
 
+def public_path(path: str | Path) -> str:
+    """A path as published in run summaries: inside the package cache as
+    ``$INCRELORA_CACHE/<relative>``, inside the home folder as ``~/<relative>``; a hub id or a
+    relative path as given. Summaries are committed and shared: no private absolute paths."""
+    from ..assets import CACHE_ENV, cache_root
+
+    text = str(path)
+    candidate = Path(text)
+    if not candidate.is_absolute():
+        return text
+    for root, name in ((cache_root(), f"${CACHE_ENV}"), (Path.home(), "~")):
+        try:
+            return f"{name}/{candidate.relative_to(root).as_posix()}"
+        except ValueError:
+            continue
+    return f"<local>/{candidate.name}"
+
+
 def check_run_dir(out: Path, config: dict[str, Any], resume: bool) -> None:
     """Refuse a directory holding another run, or this run without ``resume``.
 
