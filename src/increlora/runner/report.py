@@ -633,7 +633,7 @@ def decision_table(by_bench: dict[str, list[RunResult]]) -> str:
     ]
     found = False
     for bench, bench_runs in sorted(by_bench.items(), key=lambda kv: _bench_order(kv[0])):
-        if is_sweep(bench_runs):
+        if is_sweep(bench_runs) or bench.rsplit("/", 1)[-1].startswith("sweep"):
             continue
         for cell, cell_runs in cells(bench_runs).items():
             _, task, model, size, rank = cell
@@ -687,7 +687,8 @@ def write_report(directory: str | Path, output: str | Path | None = None) -> Pat
     ]
     for bench, bench_runs in sorted(by_bench.items(), key=lambda kv: _bench_order(kv[0])):
         name = bench or directory.name
-        sweep = is_sweep(bench_runs)
+        # A bench named sweep* is one even before its second rate has finished.
+        sweep = is_sweep(bench_runs) or name.rsplit("/", 1)[-1].startswith("sweep")
         target = appendix if sweep else parts
         target.append(f"## {name}\n")
         target.append(_cost(bench_runs))
