@@ -510,7 +510,7 @@ def test_bench_is_resumable_and_report_aggregates_seeds(
     # 3 steps: too short to allocate (and too short for some seeds to beat the majority class)
     fast = [row for row in rows if row.startswith("| fast")]
     assert fast[0].startswith("| fast ⚠ uniform") and "| 0.01 |" in fast[0]
-    assert (tmp_path / "bench" / "report_bench.png").stat().st_size > 0
+    assert (tmp_path / "bench" / "report_figures" / "report_bench.png").stat().st_size > 0
 
 
 def test_accumulation_and_bf16_count_optimizer_steps(tiny_model, tmp_path) -> None:

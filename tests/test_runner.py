@@ -286,4 +286,4 @@ def test_report_aggregates_seeds_into_mean_and_std(tmp_path) -> None:
     assert [(r.method, len(r.seeds)) for r in rows] == [("increlora", 1), ("lora", 2)]
     table = report.write_report(tmp_path).read_text()
     assert "| lora | 0.001 | 0,1 | 0.810 ± 0.014 | - |" in table  # sample std of 0.80, 0.82
-    assert "| increlora | 0.001 | 0 | 0.700 | - | 100 | 1.0 min |" in table
+    assert "| increlora | 0.001 | 0 | 0.700 | - | not recorded | 100 | 1.0 min |" in table

@@ -31,6 +31,7 @@ from ..config import ConfigError, option, require
 from ..presets import PRESETS, resolve_preset
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
+MAX_LEARNING_RATE = 10.0
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 """Live trackers ``train.report_to`` accepts (accelerate's tracker names)."""
 
@@ -77,6 +78,7 @@ class DataConfig:
             value = getattr(self, name)
             require(value is None or value >= 1, name, f"must be >= 1, got {value}")
         require(self.max_length >= 8, "max_length", f"must be >= 8, got {self.max_length}")
+        require(self.split_seed >= 0, "split_seed", f"must be >= 0, got {self.split_seed}")
 
 
 @dataclass
@@ -178,10 +180,12 @@ class TrainConfig:
             value = getattr(self, name)
             require(value is None or value >= 1, name, f"must be >= 1, got {value}")
         require(
-            self.learning_rate is None or self.learning_rate > 0,
+            self.learning_rate is None or 0 < self.learning_rate <= MAX_LEARNING_RATE,
             "learning_rate",
-            f"must be positive, got {self.learning_rate}",
+            f"must be in (0, {MAX_LEARNING_RATE:g}], got {self.learning_rate} (a larger or"
+            " non-finite rate is a typo: AdamW rates are about 1e-5 to 1e-1)",
         )
+        require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         require(
             self.warmup_steps is None or self.warmup_steps >= 0,
             "warmup_steps",
@@ -252,13 +256,9 @@ class MethodSpec:
         name = rest.pop("name", cls.name)
         budget = str(rest.pop("budget", "rank"))
         target_rank = rest.pop("target_rank", MethodSpec.target_rank)
-        if isinstance(target_rank, int | str) and not isinstance(target_rank, bool):
-            try:
-                target_rank = float(target_rank)
-            except ValueError:
-                raise ConfigError(
-                    f"method.target_rank: expected a number, got {target_rank!r}"
-                ) from None
+        target_rank = _typed(float | None, target_rank, "method.target_rank")
+        if target_rank is not None and not math.isfinite(target_rank):
+            raise ConfigError(f"method.target_rank: must be a finite number, got {target_rank}")
         return cls(name=str(name), target_rank=target_rank, args=rest, budget=budget)
 
 
@@ -339,22 +339,17 @@ def _check_keys(where: str, data: dict[str, Any], valid: set[str]) -> None:
 
 
 def _coerce(section_cls: type, name: str, value: Any) -> Any:
-    """YAML reads ``1e-3`` as a string and ``3`` as an int: convert to the field's type."""
+    """A YAML value as the field's type (``1e-3`` may arrive as a string, ``3`` as an int
+    for a float field); a value of another type (``batch_size: 8.5`` or ``true``, a list for
+    a number) or a non-finite number is a ConfigError naming the field."""
     hint = typing.get_type_hints(section_cls)[name]
-    kinds = typing.get_args(hint) or (hint,)
-    if value is None or isinstance(value, bool):
+    section = "data" if section_cls is DataConfig else "train"
+    if name == "report_to":  # names or "tensorboard,wandb": TrainConfig checks it
         return value
-    if float in kinds and isinstance(value, int | str):
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
-    if int in kinds and isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
-    return value
+    typed = _typed(hint, value, f"{section}.{name}")
+    if isinstance(typed, float) and not math.isfinite(typed):
+        raise ConfigError(f"{section}.{name}: must be a finite number, got {value!r}")
+    return typed
 
 
 def check_method_args(

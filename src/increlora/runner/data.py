@@ -8,6 +8,7 @@ then gives each process its share of every batch list).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -27,7 +28,8 @@ def check_labels(task: TaskSpec, split: str, examples: Sequence[Example]) -> Non
     for i, ex in enumerate(examples):
         label = ex.label
         if task.is_regression:
-            ok = isinstance(label, int | float) and label == label  # NaN != NaN
+            # inf and 1e400 (read as inf) are refused like NaN: Pearson would be NaN.
+            ok = isinstance(label, int | float) and math.isfinite(label)
         else:
             ok = isinstance(label, int) and 0 <= label < task.num_labels
         if not ok:

@@ -236,13 +236,18 @@ def format_summary(metrics: dict[str, Any], out: Path) -> str:
         f"increlora: finished {metrics['model']} / {metrics['task']} / {metrics['method']}"
         f" in {minutes}m{seconds:02d}s ({metrics['steps']} steps,"
         f" {metrics['steps_per_second'] or 0:.2f} steps/s)",
-        f"  best  {name} {best['metrics'][split][name]:.4f} (step {best['step']})"
-        f"    final {name} {final['metrics'][split][name]:.4f} (step {final['step']})",
-        f"  trainable parameters {metrics['trainable_params']:,}",
+        f"  best  {split} {name} {best['metrics'][split][name]:.4f} (step {best['step']})"
+        f"    final {split} {name} {final['metrics'][split][name]:.4f} (step {final['step']})",
     ]
+    exported = best if metrics["adapter"]["selected"] == "best" else final
+    # The held-out test split(s) of the exported adapter: the number a benchmark reports.
+    tests = [s for s in exported["metrics"] if s != split and s.startswith("test")]
+    if tests:
+        scores = ", ".join(f"{s} {name} {exported['metrics'][s][name]:.4f}" for s in tests)
+        lines.append(f"  exported adapter (step {exported['step']}, picked on {split}): {scores}")
+    lines.append(f"  trainable parameters {metrics['trainable_params']:,}")
     base = metrics.get("base_model")
     if base is not None:
-        exported = best if metrics["adapter"]["selected"] == "best" else final
         gains = ", ".join(
             f"{s} {base['metrics'][s][name]:.4f} -> {exported['metrics'][s][name]:.4f}"
             for s in base["metrics"]
