@@ -257,6 +257,9 @@ def test_regression_task_and_peft_reload_match_exactly(tiny_model, tmp_path) -> 
         cli.main(["export", "--adapter", str(out / "increlora_adapter"), "--output", str(merged)])
         == 0
     )
+    # Ordinary shareable files (transformers writes its weights owner-only), no temp left.
+    assert {oct(p.stat().st_mode & 0o777) for p in merged.iterdir()} == {"0o644"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
     peft_model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
     plain = AutoModelForSequenceClassification.from_pretrained(merged).eval()
@@ -862,3 +865,14 @@ def test_download_messages_print_once(capsys) -> None:
     cli._setup_logging()  # the CLI's handler prints increlora's INFO lines
     assets._announce("extracting y")
     assert capsys.readouterr().err.count("extracting y") == 1
+
+
+def test_evaluate_says_what_is_wrong_with_the_adapter_path(tmp_path, capsys):
+    assert cli.main(["evaluate", "--adapter", str(tmp_path / "missing")]) != 0
+    assert "adapter not found" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run_config.json").write_text("{}")
+    assert cli.main(["evaluate", "--adapter", str(tmp_path / "run")]) != 0
+    err = capsys.readouterr().err
+    assert "is a run directory; pass its adapter folder" in err
+    assert str(tmp_path / "run" / "adapter") in err

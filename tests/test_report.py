@@ -206,3 +206,12 @@ def test_a_sweep_bench_gets_validation_curves_and_a_final_bench_gets_scores(tmp_
         text = _report_text(tmp_path / bench, tmp_path / f"{bench}.md")
         assert f"![bench]({bench}_figures/{bench}_bench.png)" in text
         assert (tmp_path / f"{bench}_figures" / f"{bench}_bench.png").stat().st_size > 1000
+
+
+def test_report_to_a_file_prints_where_not_the_whole_report(tmp_path, capsys):
+    from increlora import cli
+
+    _write_run(tmp_path / "runs", "lora", 1e-3, 0, val=0.7, test=0.7)
+    assert cli.main(["report", str(tmp_path / "runs"), "--output", str(tmp_path / "r.md")]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == f"increlora: wrote {tmp_path / 'r.md'} (figures in r_figures/)"

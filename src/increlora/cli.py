@@ -428,6 +428,14 @@ def _eval_settings(args: argparse.Namespace):
     for key in ("model", "task", "data_dir", "max_length", "eval_size", "split_seed", "batch_size"):
         if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
+    adapter = Path(args.adapter)
+    if not adapter.exists():
+        raise ConfigError(f"--adapter {adapter}: adapter not found (no such folder)")
+    if (adapter / RUN_CONFIG).is_file() and not saved.is_file():
+        raise ConfigError(
+            f"--adapter {adapter} is a run directory; pass its adapter folder:"
+            f" --adapter {adapter / 'adapter'}"
+        )
     missing = [k for k in ("model", "task") if not values.get(k)]
     if missing:
         raise ConfigError(
@@ -519,7 +527,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         count = save_summaries(args.directory, args.save_summaries)
         print(f"increlora: copied the summaries of {count} runs to {args.save_summaries}")
     path = write_report(args.directory, args.output)
-    print(Path(path).read_text(encoding="utf-8"))
+    if args.output is None:
+        print(Path(path).read_text(encoding="utf-8"))
+    else:  # the file is what was asked for; the terminal gets where it went
+        print(f"increlora: wrote {path} (figures in {Path(path).stem}_figures/)")
     return 0
 
 

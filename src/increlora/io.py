@@ -229,6 +229,9 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp, _DIR_MODE)
     try:
         yield tmp
+        # Libraries (transformers' save_pretrained) write weights owner-only: open them up.
+        for entry in tmp.rglob("*"):
+            os.chmod(entry, _DIR_MODE if entry.is_dir() else _FILE_MODE)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

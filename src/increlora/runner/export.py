@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..adapter import CONFIG_FILE, load_adapter
 from ..config import ConfigError
+from ..io import atomic_directory
 from ..tasks import get_task, is_causal
 from .evaluate import EvalSettings
 from .model import load_model
@@ -47,6 +48,7 @@ def export_adapter(
         raise FileNotFoundError(
             f"{adapter_dir}: no adapter_config.json (PEFT) or {CONFIG_FILE} (increlora) here"
         )
-    merged.save_pretrained(output)
-    loaded.tokenizer.save_pretrained(output)
+    with atomic_directory(output) as tmp:
+        merged.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
     return output
