@@ -38,18 +38,28 @@ class _RegisterWhenPeftLoads(importlib.abc.MetaPathFinder):
     file naming INCRELORA still loads, because importing peft registers the method.
     """
 
+    _searching = False
+
     def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        if name != "peft":
+        if name != "peft" or self._searching:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        # The finder stays installed until peft really executes: importlib.util.find_spec
+        # ("is peft installed?") also comes here and must not use up the hook.
+        self._searching = True
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._searching = False
         loader = getattr(spec, "loader", None)
         if loader is None or not hasattr(loader, "exec_module"):
             return spec
         exec_module = loader.exec_module
+        finder = self
 
         def exec_then_register(module: Any) -> None:
             exec_module(module)
+            if finder in sys.meta_path:
+                sys.meta_path.remove(finder)
             register()
 
         loader.exec_module = exec_then_register
