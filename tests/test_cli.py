@@ -130,6 +130,9 @@ def test_train_writes_the_output_contract(reference: Path) -> None:
     assert not [f for f in files if f.startswith(".")], "temporary files left behind"
     metrics = json.loads((reference / "metrics.json").read_text())
     assert metrics["status"] == "finished" and metrics["steps"] == 10
+    execution = metrics["execution"]  # how it ran, so runs of different setups compare
+    assert execution["processes"] == 1 and execution["distributed"] == "NO"
+    assert execution["mixed_precision"] == "no" and execution["global_batch"] > 0
     assert set(metrics["final"]["metrics"]["validation"]) == {"accuracy"}
     assert metrics["best"]["value"] == max(
         r["main"] for r in log_records(reference) if r["event"] == "eval"
@@ -876,3 +879,11 @@ def test_evaluate_says_what_is_wrong_with_the_adapter_path(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is a run directory; pass its adapter folder" in err
     assert str(tmp_path / "run" / "adapter") in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only without a GPU")
+def test_fp16_without_a_gpu_is_refused_not_recorded(tiny_model, tmp_path, capsys) -> None:
+    args = train_args(tiny_model, tmp_path / "fp16") + ["--mixed-precision", "fp16"]
+    assert cli.main(args) != 0
+    assert "fp16 needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "fp16" / "metrics.json").exists()

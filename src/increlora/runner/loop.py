@@ -178,6 +178,11 @@ class Trainer:
         self.out = config.resolved_output_dir()
         self.sitting_start = time.time()
         train = config.train
+        if train.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError(
+                "train.mixed_precision: fp16 needs a CUDA GPU (on the CPU it would run in float32"
+                " with no loss scaling while the run recorded fp16); use bf16 or no"
+            )
         self.accelerator = Accelerator(
             mixed_precision=train.mixed_precision,
             gradient_accumulation_steps=train.gradient_accumulation_steps,
@@ -658,6 +663,7 @@ class Trainer:
             if self.state.train_time_s
             else None,
             "peak_memory_mb": O.peak_memory_mb(),
+            "execution": self._execution(),
             "versions": O.package_versions(),
             "data": self.data.split_info,
             "config": self.config.to_dict(),
@@ -669,6 +675,23 @@ class Trainer:
                 "method_config": self.adapted.config.to_dict(),
                 "plan": _plan(self.controller),
             },
+        }
+
+    def _execution(self) -> dict[str, Any]:
+        """How the run ran: processes, the distributed mode, precision and the global batch
+        (a 2-process FSDP2 run must not read like a single-process one)."""
+        accelerator, train = self.accelerator, self.config.train
+        mode = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+        plugin = getattr(accelerator.state, "fsdp_plugin", None)
+        if mode == "FSDP" and plugin is not None:
+            mode = f"FSDP{getattr(plugin, 'fsdp_version', 1)}"
+        processes = accelerator.num_processes
+        return {
+            "processes": processes,
+            "distributed": mode,
+            "mixed_precision": str(accelerator.mixed_precision),
+            "device": str(accelerator.device),
+            "global_batch": train.batch_size * processes * train.gradient_accumulation_steps,
         }
 
     def _plots(self, metrics: dict[str, Any]) -> None:

@@ -246,6 +246,13 @@ def format_summary(metrics: dict[str, Any], out: Path) -> str:
         scores = ", ".join(f"{s} {name} {exported['metrics'][s][name]:.4f}" for s in tests)
         lines.append(f"  exported adapter (step {exported['step']}, picked on {split}): {scores}")
     lines.append(f"  trainable parameters {metrics['trainable_params']:,}")
+    run = metrics.get("execution")
+    if run:
+        lines.append(
+            f"  ran on {run['processes']} process{'es' if run['processes'] > 1 else ''}"
+            f" ({run['distributed']}, {run['device']}, precision {run['mixed_precision']}),"
+            f" global batch {run['global_batch']}"
+        )
     base = metrics.get("base_model")
     if base is not None:
         gains = ", ".join(
