@@ -137,6 +137,27 @@ def test_an_edited_shape_is_refused(tmp_path: Path) -> None:
     assert no_adapter_layers(fresh)
 
 
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda meta: meta.update(format_version="1"), "format_version must be an integer"),
+        (lambda meta: next(iter(meta["modules"].values())).pop("ranks"), "have no 'ranks'"),
+    ],
+)
+def test_edited_adapter_json_is_a_one_line_error(tmp_path: Path, edit, expected) -> None:
+    path = tmp_path / "adapter"
+    adapted(bert()).save(path)
+    meta_file = path / "increlora_config.json"
+    meta = json.loads(meta_file.read_text())
+    edit(meta)
+    meta_file.write_text(json.dumps(meta))
+    fresh = bert()
+    with pytest.raises(AdapterFileError) as err:
+        increlora.load_adapter(fresh, path)
+    assert expected in one_line(err) and "increlora_config.json" in one_line(err)
+    assert no_adapter_layers(fresh)
+
+
 def test_keys_that_land_on_no_module_are_named(tmp_path: Path) -> None:
     path = tmp_path / "adapter"
     adapted(bert(layers=3)).save(path)

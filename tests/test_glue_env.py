@@ -36,3 +36,19 @@ def test_data_dir_wins_over_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> No
     monkeypatch.setenv(GLUE_DIR_ENV, str(tmp_path / "nowhere"))
     data = load_task("mrpc", str(GLUE))
     assert "via" not in data.split_info["source"]
+
+
+def test_binary_and_huge_tsv_files(tmp_path) -> None:
+    from increlora.tasks import get_task
+    from increlora.tasks.glue import GlueFormatError, read_tsv
+
+    task = get_task("rte")
+    binary = tmp_path / "binary.tsv"
+    binary.write_bytes(b"index\tsentence1\tsentence2\tlabel\n0\t\xff\xfe\x00\tb\tentailment\n")
+    with pytest.raises(GlueFormatError, match="binary.tsv: not UTF-8 text"):
+        read_tsv(task, binary)
+    long_text = "word " * 40_000  # 200,000 characters: over csv's default field limit
+    huge = tmp_path / "huge.tsv"
+    huge.write_text(f"index\tsentence1\tsentence2\tlabel\n0\t{long_text}\tb\tentailment\n")
+    (example,) = read_tsv(task, huge)
+    assert example.text_a == long_text and example.label == 0

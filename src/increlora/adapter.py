@@ -209,7 +209,13 @@ def load_adapter(model: nn.Module, path: str | Path) -> AdaptedModel:
             f"{config_file}: not an increlora adapter (no format={ADAPTER_FORMAT!r}); for a PEFT"
             " adapter use peft.PeftModel.from_pretrained"
         )
-    if meta.get("format_version", 0) > ADAPTER_FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise AdapterFileError(
+            f"{config_file}: format_version must be an integer, got {version!r}; the file was"
+            " edited or not written by increlora"
+        )
+    if version > ADAPTER_FORMAT_VERSION:
         raise AdapterFileError(f"{config_file}: written by a newer increlora; upgrade to load it")
     try:
         cls = get_method(meta["method"])
@@ -219,6 +225,12 @@ def load_adapter(model: nn.Module, path: str | Path) -> AdaptedModel:
         raise AdapterFileError(f"{config_file}: malformed adapter config ({err})") from err
     if not isinstance(modules, dict) or not all(isinstance(m, dict) for m in modules.values()):
         raise AdapterFileError(f"{config_file}: malformed adapter config ('modules')")
+    incomplete = [name for name, entry in modules.items() if "ranks" not in entry]
+    if incomplete:
+        raise AdapterFileError(
+            f"{config_file}: module(s) {_names(incomplete)} have no 'ranks'; the file was"
+            " edited or truncated: save the adapter again"
+        )
     tensors = load_tensors(path / WEIGHTS_FILE)
     verify_file_checksums(path, meta.get("sha256"), config_file)
     instance = cls(config)

@@ -64,6 +64,9 @@ LAYOUTS: dict[str, TsvLayout] = {
 }
 
 
+MAX_FIELD_CHARS = 1 << 24  # 16 M characters per field
+
+
 class GlueFormatError(ValueError):
     """A GLUE TSV file does not have the expected layout."""
 
@@ -87,7 +90,21 @@ def read_tsv(task: TaskSpec, path: Path) -> list[Example]:
     layout = LAYOUTS[task.name]
     if not path.is_file():
         raise FileNotFoundError(f"{task.name}: expected GLUE TSV file {path}")
+    try:
+        return _read_tsv(task, path, layout)
+    except UnicodeDecodeError as err:
+        raise GlueFormatError(
+            f"{path}: not UTF-8 text (byte {err.start} is {err.object[err.start : err.start + 1]!r});"
+            " GLUE TSV files are UTF-8: re-encode the file or point at the right folder"
+        ) from None
+    except csv.Error as err:
+        raise GlueFormatError(f"{path}: not a readable TSV file ({err})") from None
+
+
+def _read_tsv(task: TaskSpec, path: Path, layout: TsvLayout) -> list[Example]:
     examples: list[Example] = []
+    # Long passages are text, not a malformed file: allow fields far beyond csv's 128 KiB.
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_FIELD_CHARS))
     # utf-8-sig: MRPC's header starts with a byte-order mark. QUOTE_NONE: GLUE sentences
     # contain unbalanced quote characters that are text, not CSV quoting.
     with open(path, encoding="utf-8-sig", newline="") as handle:
