@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 
 # mkstemp/mkdtemp create owner-only entries; outputs are ordinary shareable files and folders.
@@ -55,19 +55,10 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
-    """safetensors file, written atomically (tensors made contiguous, on CPU)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """safetensors file, written atomically (tensors made contiguous, on CPU), with its
+    header in a fixed order: identical tensors give identical bytes in every process."""
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, canonical_safetensors(safetensors_save(cpu)))
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -141,19 +132,43 @@ def save_tensors_with_checksum(path: str | Path, tensors: dict[str, torch.Tensor
     cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     blob = safetensors_save(cpu)
     digest = hashlib.sha256(memoryview(blob)[8 + int.from_bytes(blob[:8], "little") :])
+    metadata = {"format": "pt", DATA_SHA256_KEY: digest.hexdigest()}
+    atomic_write_bytes(path, canonical_safetensors(safetensors_save(cpu, metadata=metadata)))
+    return digest.hexdigest()
+
+
+def canonical_safetensors(blob: bytes) -> bytes:
+    """The same safetensors file with its header in one fixed order (metadata keys sorted,
+    tensors by offset), so identical tensors give identical bytes. The library writes the
+    header from a hash map, whose order changes from one process to the next."""
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    ordered: dict[str, Any] = {}
+    metadata = header.pop("__metadata__", None)
+    if metadata:
+        ordered["__metadata__"] = dict(sorted(metadata.items()))
+    for name in sorted(header, key=lambda k: (header[k]["data_offsets"][0], k)):
+        ordered[name] = header[name]
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format aligns the data on 8 bytes
+    return len(text).to_bytes(8, "little") + text + blob[8 + size :]
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
     try:
-        save_file(cpu, tmp, metadata={"format": "pt", DATA_SHA256_KEY: digest.hexdigest()})
-        os.chmod(tmp, _FILE_MODE)
+        os.fchmod(fd, _FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return digest.hexdigest()
 
 
 _CORRUPT_HINT = (
