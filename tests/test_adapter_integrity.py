@@ -224,6 +224,32 @@ def test_peft_adapter_of_a_deeper_model_is_refused(tmp_path: Path) -> None:
     assert not any("lora" in n for n, _ in shallow.named_parameters()), "model untouched"
 
 
+@needs_peft
+def test_peft_adapter_of_a_shallower_model_is_refused(tmp_path: Path) -> None:
+    """The reverse: a 2-layer adapter on a 3-layer model loaded with layer 2 unadapted."""
+    from increlora.methods.peft_reference import load_peft_adapter
+
+    adapted(bert(layers=2)).export_peft(tmp_path / "peft")
+    deeper = bert(layers=3)
+    with pytest.raises(AdapterFileError) as err:
+        load_peft_adapter(deeper, tmp_path / "peft")
+    message = one_line(err)
+    assert "unadapted" in message and "bert.encoder.layer.2.attention.self.query" in message
+    assert not any("lora" in n for n, _ in deeper.named_parameters()), "model untouched"
+
+
+@needs_peft
+def test_pickle_peft_weights_are_refused_in_one_line(tmp_path: Path) -> None:
+    from increlora.methods.peft_reference import load_peft_adapter
+
+    adapted(bert()).export_peft(tmp_path / "peft")
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    weights.rename(tmp_path / "peft" / "adapter_model.bin")  # stands in for a pickle file
+    with pytest.raises(AdapterFileError) as err:
+        load_peft_adapter(bert(), tmp_path / "peft")
+    assert "a pickle file, which increlora never loads" in one_line(err)
+
+
 def _peft_saved(path: Path) -> Path:
     """An adapter written by PEFT itself (no increlora checksum in it)."""
     model = increlora.inject(

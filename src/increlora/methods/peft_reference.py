@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,25 @@ def _stray_keys(model: nn.Module, keys: list[str]) -> list[str]:
     return stray
 
 
+def _uncovered_modules(model: nn.Module, keys: list[str], config: dict[str, Any]) -> list[str]:
+    """Modules of ``model`` the adapter leaves out although it adapts their like in other
+    layers: names equal up to the layer index (``layer.3.attention.self.query`` when the
+    adapter holds ``layer.0`` and ``layer.1``'s). An adapter trained on a shallower model
+    would otherwise run with the deeper layers silently unadapted."""
+    adapted = {key.removeprefix(_PEFT_PREFIX).split(".lora_")[0] for key in keys if ".lora_" in key}
+    excluded = config.get("exclude_modules") or []
+    excluded = [excluded] if isinstance(excluded, str) else list(excluded)
+    shapes = {re.sub(r"\.\d+\.", ".#.", name) for name in adapted}
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and name not in adapted
+        and re.sub(r"\.\d+\.", ".#.", name) in shapes
+        and not any(name == e or name.endswith("." + e) for e in excluded)
+    ]
+
+
 def load_peft_adapter(model: nn.Module, path: str | Path) -> Any:
     """``peft.PeftModel.from_pretrained(model, path)`` with every failure a one-line error.
 
@@ -111,7 +131,24 @@ def load_peft_adapter(model: nn.Module, path: str | Path) -> Any:
                 f" model: {shown}. The adapter was trained on another (e.g. deeper) model;"
                 " pass that base model"
             )
-    elif not (path / "adapter_model.bin").is_file():
+        uncovered = _uncovered_modules(model, keys, config)
+        if uncovered:
+            shown = ", ".join(uncovered[:5]) + (
+                f" and {len(uncovered) - 5} more" if len(uncovered) > 5 else ""
+            )
+            raise AdapterFileError(
+                f"{weights_file}: the adapter leaves {len(uncovered)} module(s) of this model"
+                f" unadapted that it adapts in other layers ({shown}): it was trained on"
+                " another (e.g. shallower) model; pass that base model"
+            )
+    elif (path / "adapter_model.bin").is_file():
+        raise AdapterFileError(
+            f"{path / 'adapter_model.bin'}: a pickle file, which increlora never loads (it can"
+            " run code); only safetensors are accepted. Convert it where you trust it:"
+            ' python -c "import torch, safetensors.torch as s; s.save_file(torch.load('
+            "'adapter_model.bin'), 'adapter_model.safetensors')\""
+        )
+    else:
         raise AdapterFileError(f"{weights_file}: file not found")
     try:
         return peft.PeftModel.from_pretrained(model, str(path))
