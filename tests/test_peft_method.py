@@ -171,3 +171,21 @@ def test_a_second_adapter_is_refused():
     model = peft.get_peft_model(MODEL_CASES["bert"].make(), _config())
     with pytest.raises(ValueError, match="one IncreLoRA adapter"):
         model.add_adapter("other", _config())
+
+
+def test_importing_increlora_registers_the_method_whenever_peft_is_imported():
+    # transformers probes find_spec("peft") before importing it; registration must survive that.
+    script = textwrap.dedent(
+        """
+        import importlib.util, sys
+        import increlora
+        assert "peft" not in sys.modules
+        importlib.util.find_spec("peft")
+        import peft.mapping
+        assert peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING["INCRELORA"].__name__ == "IncreLoraConfig"
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -35,31 +35,32 @@ class _RegisterWhenPeftLoads(importlib.abc.MetaPathFinder):
     """Registers IncreLoRA with PEFT right after ``peft`` is first imported.
 
     ``import increlora`` does not import peft (it doubles the import time); a PEFT config
-    file naming INCRELORA still loads, because importing peft registers the method.
+    file naming INCRELORA still loads, because importing peft registers the method. Every
+    spec found for ``peft`` gets the hook (availability checks such as transformers'
+    ``find_spec("peft")`` make specs that are never executed); it leaves ``sys.meta_path``
+    once peft has been imported.
     """
 
-    _searching = False
+    def __init__(self) -> None:
+        self._finding = False
 
     def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        if name != "peft" or self._searching:
+        if name != "peft" or self._finding:
             return None
-        # The finder stays installed until peft really executes: importlib.util.find_spec
-        # ("is peft installed?") also comes here and must not use up the hook.
-        self._searching = True
+        self._finding = True
         try:
             spec = importlib.util.find_spec(name)
         finally:
-            self._searching = False
+            self._finding = False
         loader = getattr(spec, "loader", None)
         if loader is None or not hasattr(loader, "exec_module"):
             return spec
         exec_module = loader.exec_module
-        finder = self
 
         def exec_then_register(module: Any) -> None:
             exec_module(module)
-            if finder in sys.meta_path:
-                sys.meta_path.remove(finder)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             register()
 
         loader.exec_module = exec_then_register

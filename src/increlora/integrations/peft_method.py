@@ -83,6 +83,7 @@ class _IncreLoraConfigMethods:
 
     def __post_init__(self) -> None:
         super().__post_init__()  # PEFT's checks (task_type)
+        register()  # idempotent; normally done when peft was imported
         self.peft_type = PeftType[PEFT_TYPE_NAME]
         if isinstance(self.target_modules, set):
             self.target_modules = sorted(self.target_modules)
