@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,3 +171,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     message = config.stash.get(_OVER_ALLOWANCE, None)
     if message:
         terminalreporter.write_line(message, red=True, bold=True)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each test starts without accelerate's process-wide state: a transformers Trainer
+    (test_callback, test_trainer) leaves an AcceleratorState behind, and the runner's next
+    Accelerator with other settings would be refused."""
+    yield
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
