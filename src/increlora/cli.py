@@ -566,12 +566,13 @@ def _add_bench_report(sub: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------------ tasks
 def cmd_tasks(args: argparse.Namespace) -> int:
+    from .tasks import load_task
     from .tasks.catalog import check, listing
 
     if not args.check:
         print(listing())
         return 0
-    failures = check(args.cache_dir)
+    failures = check(load_task, args.cache_dir)
     for line in failures:
         print(f"increlora: task {line}", file=sys.stderr)
     if not failures:

@@ -188,15 +188,14 @@ Loader = Callable[..., Any]
 
 
 def check(
+    loader: Loader,
     cache_dir: str | os.PathLike[str] | None = None,
     downloader: assets.Downloader | None = None,
-    loader: Loader | None = None,
 ) -> list[str]:
     """Fetch every live built-in task into ``cache_dir`` (a fresh temporary one by default)
-    and load it; returns one line per task that failed (empty when all loaded with their
-    recorded sizes). Withdrawn tasks are not checked."""
-    if loader is None:
-        from increlora.tasks import load_task as loader
+    and load it with ``loader`` (``increlora.tasks.load_task``: passed in, since the loader
+    imports this catalog); returns one line per task that failed (empty when all loaded
+    with their recorded sizes). Withdrawn tasks are not checked."""
     failures = []
     with contextlib.ExitStack() as stack:
         if cache_dir is None:
