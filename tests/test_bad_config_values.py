@@ -72,3 +72,30 @@ def test_summary_labels_validation_and_test(tmp_path: Path) -> None:
     text = format_summary(metrics, tmp_path)
     assert "best  validation accuracy 0.8140 (step 150)" in text
     assert "exported adapter (step 150, picked on validation): test accuracy 0.7840" in text
+
+
+def test_a_finite_loss_blow_up_is_flagged(tmp_path: Path) -> None:
+    from increlora.runner.loop import _loss_summary
+
+    assert _loss_summary(0.69, 0.5) == {"first": 0.69, "last": 0.5, "blew_up": False}
+    blown = _loss_summary(0.69, 222.0)
+    assert blown["blew_up"]
+    metrics = {
+        "model": "minilm",
+        "task": "mr",
+        "method": "lora",
+        "main_metric": "accuracy",
+        "eval_split": "validation",
+        "wall_time_s": 10,
+        "steps": 10,
+        "steps_per_second": 1.0,
+        "best": {"step": 10, "metrics": {"validation": {"accuracy": 0.5}}},
+        "final": {"step": 10, "metrics": {"validation": {"accuracy": 0.5}}},
+        "trainable_params": 1,
+        "ranks": {},
+        "adapter": {"selected": "best", "step": 10, "peft": "adapter", "increlora": "x"},
+        "loss": blown,
+    }
+    assert "WARNING: the training loss rose from 0.69 to 222 (over 10x)" in format_summary(
+        metrics, tmp_path
+    )

@@ -67,6 +67,16 @@ class RunResult:
     metrics: dict[str, Any] | None = None
 
 
+LOSS_BLOWUP = 10.0
+"""A final logged loss this many times the first one means training went wrong while the
+loss stayed finite (a learning rate far too high): the run finishes, but says so."""
+
+
+def _loss_summary(first: float | None, last: float | None) -> dict[str, Any]:
+    blew_up = first is not None and last is not None and last > LOSS_BLOWUP * max(first, 1e-8)
+    return {"first": first, "last": last, "blew_up": blew_up}
+
+
 def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The task loss of one micro-batch (a seam: tests inject faults here)."""
     return model(**batch).loss
@@ -152,6 +162,8 @@ class RunState:
     elapsed_s: float = 0.0  # wall time of the earlier sittings (this one is added on save)
     train_time_s: float = 0.0
     loss_window: list[float] = field(default_factory=list)  # task losses since the last log
+    first_loss: float | None = None  # the first logged mean task loss
+    last_loss: float | None = None  # the latest one
 
     def elapsed(self, sitting_s: float) -> float:
         """Wall time of the whole run: the earlier sittings plus this one's ``sitting_s``."""
@@ -455,6 +467,9 @@ class Trainer:
             "train_time_s": round(self.state.train_time_s, 3),
         }
         window.clear()
+        if self.state.first_loss is None:
+            self.state.first_loss = record["loss"]
+        self.state.last_loss = record["loss"]
         self.log.write(record)
         self.tracking.train(record)
         progress.set_postfix(
@@ -664,6 +679,7 @@ class Trainer:
             else None,
             "peak_memory_mb": O.peak_memory_mb(),
             "execution": self._execution(),
+            "loss": _loss_summary(self.state.first_loss, self.state.last_loss),
             "versions": O.package_versions(),
             "data": self.data.split_info,
             "config": self.config.to_dict(),

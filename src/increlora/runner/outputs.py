@@ -246,6 +246,12 @@ def format_summary(metrics: dict[str, Any], out: Path) -> str:
         scores = ", ".join(f"{s} {name} {exported['metrics'][s][name]:.4f}" for s in tests)
         lines.append(f"  exported adapter (step {exported['step']}, picked on {split}): {scores}")
     lines.append(f"  trainable parameters {metrics['trainable_params']:,}")
+    loss = metrics.get("loss") or {}
+    if loss.get("blew_up"):
+        lines.append(
+            f"  WARNING: the training loss rose from {loss['first']:.4g} to {loss['last']:.4g}"
+            " (over 10x) while staying finite: the learning rate is likely far too high"
+        )
     run = metrics.get("execution")
     if run:
         lines.append(
