@@ -493,8 +493,8 @@ def test_bench_is_resumable_and_report_aggregates_seeds(
 
     monkeypatch.setattr(loop, "compute_loss", ctrl_c_in_the_third_run)
     assert cli.main(["bench", str(spec)]) == 130
+    assert f"run `increlora bench {spec}` again to continue the bench" in capsys.readouterr().err
     monkeypatch.setattr(loop, "compute_loss", real)
-    capsys.readouterr()
     assert cli.main(["bench", str(spec)]) == 0
     err = capsys.readouterr().err
     assert (err.count("skipped"), err.count("resuming"), err.count(": running")) == (2, 1, 1)

@@ -49,7 +49,7 @@ def test_default_job_is_minilm_mr_increlora_rank_2() -> None:
 def test_cpu_bench_spec_expands_to_valid_distinct_runs() -> None:
     runs = expand(read_yaml("cpu_bench"), Path("bench"))
     assert len({r.key for r in runs}) == len(runs) == 36
-    assert {r.config.data.task for r in runs} == {"mr", "vitaminc"}
+    assert {r.config.data.task for r in runs} == {"mr", "sarcasm"}
     assert {r.config.method.name for r in runs} <= set(METHOD_DEFAULTS)
     assert all(r.config.model == "minilm" for r in runs)
 

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -515,8 +516,25 @@ def _add_evaluate_export(sub: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------- bench / report
 def cmd_bench(args: argparse.Namespace) -> int:
     from .runner.bench import run_bench
+    from .runner.loop import TrainingInterrupted
 
-    summary = run_bench(args.spec, output_dir=args.output_dir, dry_run=args.dry_run)
+    try:
+        summary = run_bench(args.spec, output_dir=args.output_dir, dry_run=args.dry_run)
+    except TrainingInterrupted as err:
+        # The bench, not one run, is what to continue: rerunning it resumes that run.
+        again = f"increlora bench {args.spec}" + (
+            f" --output-dir {args.output_dir}" if args.output_dir else ""
+        )
+        message = re.sub(
+            r"[;.]?\s*(?:[Cc]ontinue|start it again) with `increlora train --resume[^`]*`\.?",
+            "",
+            str(err),
+        )
+        raise TrainingInterrupted(
+            f"{message}; run `{again}` again to continue the bench (the interrupted run"
+            " resumes from its checkpoint, finished runs are skipped)",
+            err.exit_code - 128,
+        ) from None
     return 1 if summary["failed"] else 0
 
 
