@@ -70,7 +70,7 @@ def test_fetch_verifies_and_caches(wheel: Path, cache: Path) -> None:
     first = fetch_distribution("pkg", "1.0", sha, downloader=downloader)
     assert first == cache / "dists" / "pkg-1.0" / wheel.name
     assert first.read_bytes() == wheel.read_bytes()
-    assert (first.parent / (first.name + ".sha256-ok")).read_text().strip() == sha
+    assert (first.parent / (first.name + ".sha256-ok")).read_text().split()[0] == sha
     second = fetch_distribution("pkg", "1.0", sha.upper(), wheel.name, downloader=downloader)
     assert second == first
     assert downloader.calls == [("pkg", "1.0")], "a cached file must not be downloaded again"
@@ -103,6 +103,18 @@ def test_file_placed_by_hand_is_hashed_once(wheel: Path, cache: Path) -> None:
     path = fetch_distribution("pkg", "1.0", assets.sha256_file(wheel), downloader=no_download)
     assert path == dist_dir / wheel.name
     assert (dist_dir / (wheel.name + ".sha256-ok")).is_file()
+
+
+def test_an_archive_replaced_after_verification_is_hashed_again(wheel: Path, cache: Path) -> None:
+    """The marker vouches for the file it was written for: a replaced archive (same name,
+    other bytes) is hashed again, found wrong, and downloaded anew instead of trusted."""
+    downloader = FakeDownloader({"pkg": wheel})
+    sha = assets.sha256_file(wheel)
+    cached = fetch_distribution("pkg", "1.0", sha, downloader=downloader)
+    cached.write_bytes(b"not the archive that was verified")
+    again = fetch_distribution("pkg", "1.0", sha, downloader=downloader)
+    assert again.read_bytes() == wheel.read_bytes()
+    assert len(downloader.calls) == 2, "the replaced file must not be trusted"
 
 
 def test_downloader_failure_leaves_no_temp(cache: Path) -> None:

