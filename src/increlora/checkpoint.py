@@ -11,6 +11,7 @@ every process and keeps each process's part, sharded like the live ones.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from .distributed import (
     copy_full_,
@@ -50,13 +52,29 @@ def save_training_state(
     if not is_main_process():  # one writer: processes calling together must not race
         return
     remove_stale_writes(path)
-    with atomic_directory(path) as tmp:
-        save_state(tmp, "trainable", weights)
-        save_state(tmp, "optimizer", optimizer_state)
-        save_state(tmp, "controller", controller.state_dict() if controller is not None else {})
-        save_state(tmp, "scheduler", scheduler.state_dict() if scheduler is not None else {})
-        rng = {"torch": torch.get_rng_state()}
-        save_state(tmp, "extra", {"rng": rng, **(extra or {})})
+    try:
+        with atomic_directory(path) as tmp:
+            save_state(tmp, "trainable", weights)
+            save_state(tmp, "optimizer", optimizer_state)
+            save_state(tmp, "controller", controller.state_dict() if controller is not None else {})
+            save_state(tmp, "scheduler", scheduler.state_dict() if scheduler is not None else {})
+            rng = {"torch": torch.get_rng_state()}
+            save_state(tmp, "extra", {"rng": rng, **(extra or {})})
+    except (OSError, SafetensorError) as err:
+        if not _disk_full(err):
+            raise
+        raise CheckpointWriteError(
+            f"checkpoint {path}: the disk is full (no space left on device) while writing it;"
+            " the previous checkpoint is intact. Free some space, then resume the run"
+        ) from None
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written for lack of space (the previous one is kept)."""
+
+
+def _disk_full(err: BaseException) -> bool:
+    return getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
 
 
 @torch.no_grad()

@@ -23,12 +23,14 @@ from typing import Any, Literal
 import yaml
 
 from .assets import AssetError
+from .checkpoint import CheckpointWriteError
 from .config import ConfigError
 from .io import AdapterFileError, atomic_write_json
 from .tasks import CausalFormatError, GlueFormatError, OfflineFormatError
 
 # Errors caused by the user's input: reported as one line, exit code 2, no traceback.
 _INPUT_ERRORS: tuple[type[BaseException], ...] = (
+    CheckpointWriteError,
     ConfigError,
     GlueFormatError,
     OfflineFormatError,
