@@ -48,7 +48,7 @@ from typing import Any
 from increlora import assets
 from increlora.config import ConfigError
 from increlora.tasks.catalog import withdrawn_source
-from increlora.tasks.offline import held_out_split
+from increlora.tasks.offline import held_out_split, jsonl_rows, text_field
 from increlora.tasks.registry import TaskData, subsampled_task_data
 
 GENERATION_METRICS = ("exact_match", "f1", "loss", "perplexity")
@@ -192,23 +192,11 @@ _OPTION = re.compile(r"^\s*([A-Z])[.:]\s*(.*?)\s*$")
 
 
 def _jsonl_values(path: Path) -> list[tuple[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                where = f"{path}:{number}"
-                try:
-                    rows.append((where, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise CausalFormatError(f"{where}: not valid JSON ({exc.msg})") from None
-    return rows
+    return jsonl_rows(path, CausalFormatError)
 
 
 def _field(value: Any, field: str, where: str) -> str:
-    text = value.get(field) if isinstance(value, dict) else None
-    if not isinstance(text, str) or not text.strip():
-        raise CausalFormatError(f"{where}: field {field!r} must be a non-empty string")
-    return text.strip()
+    return text_field(value, field, where, CausalFormatError)
 
 
 def _options(text: str, where: str, field: str) -> dict[str, str]:

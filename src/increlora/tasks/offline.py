@@ -90,8 +90,9 @@ def read_vitaminc(path: Path) -> tuple[list[Example], dict[str, Any]]:
     return dedupe(examples, {})
 
 
-def _jsonl_rows(path: Path) -> list[tuple[str, Any]]:
-    """``(file:line, value)`` of every non-blank line of a JSON-lines file."""
+def jsonl_rows(path: Path, error: type[ValueError] = OfflineFormatError) -> list[tuple[str, Any]]:
+    """``(file:line, value)`` of every non-blank line of a JSON-lines file; a line that is not
+    JSON raises ``error`` naming the file and line."""
     rows = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -101,14 +102,17 @@ def _jsonl_rows(path: Path) -> list[tuple[str, Any]]:
             try:
                 rows.append((where, json.loads(line)))
             except json.JSONDecodeError as exc:
-                raise OfflineFormatError(f"{where}: not valid JSON ({exc.msg})") from None
+                raise error(f"{where}: not valid JSON ({exc.msg})") from None
     return rows
 
 
-def _text_field(value: Any, field: str, where: str) -> str:
+def text_field(
+    value: Any, field: str, where: str, error: type[ValueError] = OfflineFormatError
+) -> str:
+    """``value[field]`` stripped; ``error`` unless it is a non-empty string."""
     text = value.get(field) if isinstance(value, dict) else None
     if not isinstance(text, str) or not text.strip():
-        raise OfflineFormatError(f"{where}: field {field!r} must be a non-empty string")
+        raise error(f"{where}: field {field!r} must be a non-empty string")
     return text.strip()
 
 
@@ -124,18 +128,18 @@ def read_boolq(combined: Path, dev: Path) -> tuple[list[Example], list[Example],
     ``combined`` that are not dev rows. text_a = question, text_b = "<title> -- <passage>".
     """
     dev_examples = []
-    for where, value in _jsonl_rows(dev):
-        question = _text_field(value, "question", where)
-        passage = f"{_text_field(value, 'title', where)} -- {_text_field(value, 'passage', where)}"
+    for where, value in jsonl_rows(dev):
+        question = text_field(value, "question", where)
+        passage = f"{text_field(value, 'title', where)} -- {text_field(value, 'passage', where)}"
         answer = value.get("answer")
         if answer not in _BOOLQ_LABELS:
             raise OfflineFormatError(f"{where}: field 'answer' must be 'True' or 'False'")
         dev_examples.append(Example(question, passage, _BOOLQ_LABELS[answer]))
     dev_keys = {(ex.text_a, ex.text_b) for ex in dev_examples}
     train, unlabelled, found = [], 0, set()
-    for where, value in _jsonl_rows(combined):
-        question = _text_field(value, "question", where)
-        passage = _text_field(value, "passage", where)
+    for where, value in jsonl_rows(combined):
+        question = text_field(value, "question", where)
+        passage = text_field(value, "passage", where)
         label = value.get("label")
         if label is None:
             unlabelled += 1
@@ -158,7 +162,7 @@ def read_boolq(combined: Path, dev: Path) -> tuple[list[Example], list[Example],
 def read_sarcasm(path: Path) -> tuple[list[Example], dict[str, Any]]:
     """News-headline sarcasm from OpenAI evals: the user message, ``ideal`` "1" sarcastic."""
     examples = []
-    for where, value in _jsonl_rows(path):
+    for where, value in jsonl_rows(path):
         messages = value.get("input") if isinstance(value, dict) else None
         users = [m for m in messages or () if isinstance(m, dict) and m.get("role") == "user"]
         if len(users) != 1:
@@ -166,7 +170,7 @@ def read_sarcasm(path: Path) -> tuple[list[Example], dict[str, Any]]:
         ideal = value.get("ideal")
         if ideal not in ("0", "1"):
             raise OfflineFormatError(f"{where}: field 'ideal' must be '0' or '1', got {ideal!r}")
-        examples.append(Example(_text_field(users[0], "content", where), None, int(ideal)))
+        examples.append(Example(text_field(users[0], "content", where), None, int(ideal)))
     return dedupe(examples, {})
 
 
