@@ -24,12 +24,15 @@ from .config import AdapterConfig, ConfigError
 from .injection import find_modules_to_save, find_targets, replace_module
 from .io import (
     AdapterFileError,
+    add_manifest,
     atomic_directory,
     atomic_write_json,
+    check_finite,
     file_sha256,
     load_tensors,
     read_json,
     save_tensors,
+    verify_adapter_manifest,
     verify_file_checksums,
 )
 from .layers.base import AdapterLayer
@@ -107,8 +110,9 @@ class AdaptedModel(ModelHandle):
     def save(self, path: str | Path) -> None:
         """Adapter-only save: ``increlora_config.json`` + ``adapter.safetensors`` (atomic).
 
-        The JSON records each module's shape and ranks and the sha256 of the weight file,
-        which :func:`load_adapter` verifies.
+        The JSON records each module's shape and ranks, the sha256 of the weight file, and a
+        manifest: one sha256 over all of it (with a fingerprint per field), so that an edited
+        alpha, rank, target module or shape is refused by :func:`load_adapter`, naming it.
         """
         tensors: dict[str, torch.Tensor] = {}
         ranks = {}
@@ -133,7 +137,7 @@ class AdaptedModel(ModelHandle):
         with atomic_directory(path) as tmp:
             save_tensors(tmp / WEIGHTS_FILE, tensors)
             meta["sha256"] = {WEIGHTS_FILE: file_sha256(tmp / WEIGHTS_FILE)}
-            atomic_write_json(tmp / CONFIG_FILE, meta)
+            atomic_write_json(tmp / CONFIG_FILE, add_manifest(meta))
 
     def export_peft(self, path: str | Path, **kwargs: Any) -> None:
         """Write a PEFT LoRA adapter directory (see :func:`increlora.export.export_peft`)."""
@@ -197,7 +201,9 @@ def load_adapter(model: nn.Module, path: str | Path) -> AdaptedModel:
 
     Every file and shape is checked before the model is touched; a corrupt, modified or
     foreign file (the weight file's sha256 recorded at save time is verified; adapters saved
-    before checksums were recorded load without that check), a recorded shape that differs
+    before checksums were recorded load without that check), a JSON field changed since it was
+    saved (its manifest; adapters saved before manifests load with a warning), a non-finite
+    weight, a recorded shape that differs
     from the model's module, a tensor that belongs to no module of the model, or a model
     whose shapes differ raises AdapterFileError naming the file and the problem.
     """
@@ -217,6 +223,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> AdaptedModel:
         )
     if version > ADAPTER_FORMAT_VERSION:
         raise AdapterFileError(f"{config_file}: written by a newer increlora; upgrade to load it")
+    verify_adapter_manifest(meta, config_file)
     try:
         cls = get_method(meta["method"])
         config = cls.config_class.from_dict(meta["config"])
@@ -233,6 +240,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> AdaptedModel:
         )
     tensors = load_tensors(path / WEIGHTS_FILE)
     verify_file_checksums(path, meta.get("sha256"), config_file)
+    check_finite(tensors, path / WEIGHTS_FILE)
     instance = cls(config)
     if hasattr(instance, "load_model"):  # methods without adapter layers restore themselves
         return instance.load_model(model, tensors, path / WEIGHTS_FILE)

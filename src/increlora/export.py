@@ -7,9 +7,12 @@ full dotted module name (PEFT matches keys as name suffixes: short keys would sh
 Rank-0 modules go to ``exclude_modules`` (plain LoRA rejects r = 0). Fully trained extra
 modules (classification heads) go to ``modules_to_save``.
 
-``adapter_model.safetensors`` carries the sha256 of its tensor data in its own header
-metadata (``adapter_config.json`` is PEFT's, and PEFT ignores the metadata);
-:func:`increlora.methods.peft_reference.load_peft_adapter` verifies it.
+``adapter_model.safetensors`` carries in its own header metadata (``adapter_config.json`` is
+PEFT's, and PEFT ignores the metadata) the sha256 of its tensor data and a manifest: one
+sha256 over the data, the tensor index and every field of ``adapter_config.json`` that changes
+what the weights mean (``lora_alpha``, ``r``, ``rank_pattern``, ``target_modules``, ...; not
+``base_model_name_or_path``). :func:`increlora.methods.peft_reference.load_peft_adapter`
+verifies both (``increlora evaluate`` / ``export`` load through it).
 """
 
 from __future__ import annotations
@@ -86,6 +89,8 @@ def export_peft(
         "inference_mode": True,
     }
     with atomic_directory(path) as tmp:
-        save_tensors_with_checksum(tmp / "adapter_model.safetensors", tensors)
+        save_tensors_with_checksum(
+            tmp / "adapter_model.safetensors", tensors, config, "adapter_config.json"
+        )
         atomic_write_json(tmp / "adapter_config.json", config)
     return config

@@ -123,18 +123,36 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
     return metadata if isinstance(metadata, dict) else {}
 
 
-def save_tensors_with_checksum(path: str | Path, tensors: dict[str, torch.Tensor]) -> str:
+def save_tensors_with_checksum(
+    path: str | Path,
+    tensors: dict[str, torch.Tensor],
+    config: dict[str, Any] | None = None,
+    config_file: str | None = None,
+) -> str:
     """:func:`save_tensors` that stores the data's sha256 in the file's own header metadata.
 
-    The tensor data does not depend on the header, so it is hashed from an in-memory
-    serialization first. Returns the hex digest.
+    With ``config`` (what ``config_file``, a sibling JSON file, will hold), the header also
+    carries the manifest of :func:`peft_manifest_fields`: one sha256 over the data, the
+    tensor index and the fields of ``config`` that change what the weights mean, which
+    :func:`verify_embedded_checksum` checks. The tensor data does not depend on the header, so
+    it is hashed from an in-memory serialization first. Returns the data's hex digest.
     """
     cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     blob = safetensors_save(cpu)
-    digest = hashlib.sha256(memoryview(blob)[8 + int.from_bytes(blob[:8], "little") :])
-    metadata = {"format": "pt", DATA_SHA256_KEY: digest.hexdigest()}
+    size = int.from_bytes(blob[:8], "little")
+    digest = hashlib.sha256(memoryview(blob)[8 + size :]).hexdigest()
+    metadata = {"format": "pt", DATA_SHA256_KEY: digest}
+    if config is not None:
+        if config_file is None or Path(config_file).name != config_file:
+            raise ValueError("config_file: the name of a file beside the weights is needed")
+        index = json.loads(blob[8 : 8 + size])
+        index.pop("__metadata__", None)
+        fields = peft_manifest_fields(json.loads(json.dumps(config)), index, digest)
+        manifest = make_manifest(fields)
+        metadata[MANIFEST_SHA256_KEY] = manifest["sha256"]
+        metadata[MANIFEST_KEY] = _canonical_json({"covers": config_file, **manifest})
     atomic_write_bytes(path, canonical_safetensors(safetensors_save(cpu, metadata=metadata)))
-    return digest.hexdigest()
+    return digest
 
 
 def canonical_safetensors(blob: bytes) -> bytes:
@@ -208,21 +226,224 @@ def verify_file_checksums(directory: str | Path, recorded: Any, record_file: str
 
 
 def verify_embedded_checksum(path: str | Path) -> bool:
-    """Check a safetensors file against the data sha256 in its header (see above).
+    """Check a PEFT weight file as increlora exported it, before anything loads it.
 
-    Returns False, with a debug note, when the file carries none (written by PEFT itself or
-    an older increlora); raises AdapterFileError naming the file on a mismatch.
+    In order: the data sha256 in its header (a mismatch: the bytes changed); the manifest in
+    its header, which covers the data, the tensor index and the meaning-changing fields of the
+    config file beside it (a mismatch names the field(s): ``lora_alpha`` edited in
+    ``adapter_config.json``); every tensor finite (always, also for files PEFT wrote itself).
+    Returns False, with a debug note, when the file carries no increlora checksum (written by
+    PEFT itself); an export from before the manifest loads with a one-line warning. Raises
+    AdapterFileError naming the file.
     """
     path = Path(path)
-    expected = safetensors_metadata(path).get(DATA_SHA256_KEY)
+    metadata = safetensors_metadata(path)
+    expected = metadata.get(DATA_SHA256_KEY)
     if expected is None:
         logger.debug("%s carries no data checksum: not verified", path)
+        check_finite(load_tensors(path), path)
         return False
-    if safetensors_data_sha256(path) != expected.lower():
+    if not isinstance(expected, str) or safetensors_data_sha256(path) != expected.lower():
         raise AdapterFileError(
             f"{path}: tensor data sha256 differs from its header: {_CORRUPT_HINT}"
         )
+    if MANIFEST_SHA256_KEY not in metadata:
+        logger.warning(
+            "%s has no manifest (exported by an increlora from before manifests): its"
+            " adapter_config.json is not verified; export the adapter again to add one",
+            path,
+        )
+    else:
+        _verify_peft_manifest(path, metadata, expected.lower())
+    check_finite(load_tensors(path), path)
     return True
+
+
+# ------------------------------------------------------------------------- manifests
+# One sha256 over everything that gives an adapter's weights their meaning (the weights
+# themselves through their sha256, and alpha, ranks, target modules, recorded shapes, ...),
+# with a short fingerprint per field so that a mismatch can name the field that changed. Not
+# a signature (anyone can recompute it): it catches edits and mix-ups, not forgery.
+MANIFEST_KEY = "increlora.manifest"
+MANIFEST_SHA256_KEY = "increlora.manifest_sha256"
+_FINGERPRINT_HEX = 16
+
+# adapter_config.json fields that do not change what the weights compute: where the base
+# model is, PEFT bookkeeping, and training-only settings. Every other field is covered, also
+# fields the export did not write (adding "use_dora": true changes the meaning).
+PEFT_UNCOVERED_FIELDS = frozenset(
+    {
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "peft_version",
+        "auto_mapping",
+        "init_lora_weights",
+        "lora_dropout",
+    }
+)
+
+
+def _canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _field_name(path: tuple[str, ...]) -> str:
+    """``config.alpha``; keys holding dots in brackets: ``modules[bert.x.query].shape``."""
+    name = ""
+    for key in path:
+        if "." in key or "[" in key or not key:
+            name += f"[{key}]"
+        else:
+            name += f".{key}" if name else key
+    return name
+
+
+def _leaves(value: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, Any]]:
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            yield from _leaves(item, (*path, str(key)))
+    else:
+        yield _field_name(path), value
+
+
+def manifest_fingerprints(fields: dict[str, Any]) -> dict[str, str]:
+    """A short sha256 of every leaf of ``fields`` (dicts are walked, lists are leaves)."""
+    return {
+        name: _sha256_text(_canonical_json(value))[:_FINGERPRINT_HEX]
+        for name, value in _leaves(fields)
+    }
+
+
+def make_manifest(fields: dict[str, Any]) -> dict[str, Any]:
+    """``{"sha256": sha256 of the canonical JSON of fields, "fields": fingerprints}``."""
+    return {
+        "sha256": _sha256_text(_canonical_json(fields)),
+        "fields": manifest_fingerprints(fields),
+    }
+
+
+def manifest_mismatch(fields: dict[str, Any], recorded: Any) -> list[str] | None:
+    """None when ``fields`` hash to the ``recorded`` manifest; otherwise the names of the
+    fields whose fingerprint changed ([] when only the manifest itself was edited). Raises
+    ValueError for a manifest that is not ``{"sha256": str, "fields": {str: str}}``."""
+    if (
+        not isinstance(recorded, dict)
+        or not isinstance(recorded.get("sha256"), str)
+        or not isinstance(recorded.get("fields"), dict)
+    ):
+        raise ValueError("malformed manifest (expected sha256 and fields)")
+    if _sha256_text(_canonical_json(fields)) == recorded["sha256"].lower():
+        return None
+    now, then = manifest_fingerprints(fields), recorded["fields"]
+    return sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
+
+
+def _shown(names: list[str], limit: int = 6) -> str:
+    return ", ".join(names[:limit]) + (
+        f" and {len(names) - limit} more" if len(names) > limit else ""
+    )
+
+
+def manifest_error(where: str | Path, changed: list[str], written: str, fix: str) -> str:
+    """The one line for a manifest mismatch: the file, the changed fields, what to do."""
+    what = f"field(s) {_shown(changed)} differ from" if changed else "its manifest differs from"
+    return (
+        f"{where}: {what} what was recorded when the adapter was {written} (its manifest"
+        f" sha256): the file was edited or belongs to another adapter; {fix}"
+    )
+
+
+def add_manifest(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` (an adapter's JSON record, the weight file's sha256 in it) with a ``manifest``
+    entry covering every other entry: method, config (alpha, ranks, target modules, scaling),
+    each module's recorded shape and ranks, modules_to_save and the weights' sha256."""
+    fields = json.loads(json.dumps({k: v for k, v in meta.items() if k != "manifest"}))
+    return {**meta, "manifest": make_manifest(fields)}
+
+
+def verify_adapter_manifest(meta: dict[str, Any], record_file: str | Path) -> None:
+    """Check an adapter JSON record against its ``manifest`` (see :func:`add_manifest`).
+
+    A record without one (saved before manifests existed) loads with a one-line warning; a
+    changed field raises AdapterFileError naming the file and the field(s).
+    """
+    fix = (
+        "restore the file or save the adapter again from its run (to load a deliberate edit"
+        " anyway, delete the 'manifest' entry: the adapter then loads unverified, with a warning)"
+    )
+    recorded = meta.get("manifest")
+    if recorded is None:
+        logger.warning(
+            "%s has no manifest (saved by an increlora from before manifests): its config is"
+            " not verified; save the adapter again to add one",
+            record_file,
+        )
+        return
+    try:
+        changed = manifest_mismatch({k: v for k, v in meta.items() if k != "manifest"}, recorded)
+    except ValueError as err:
+        raise AdapterFileError(f"{record_file}: {err}; {fix}") from err
+    if changed is not None:
+        raise AdapterFileError(manifest_error(record_file, changed, "saved", fix))
+
+
+def peft_manifest_fields(
+    config: dict[str, Any], index: dict[str, Any], data_sha256: str
+) -> dict[str, Any]:
+    """What a PEFT export's manifest covers: the config's meaning-changing fields (absent
+    ones count as null), the tensor index (names, dtypes, shapes, offsets) and the data."""
+    covered = {k: v for k, v in config.items() if k not in PEFT_UNCOVERED_FIELDS and v is not None}
+    return {"adapter_config": covered, "tensors": index, "data_sha256": data_sha256}
+
+
+def _verify_peft_manifest(path: Path, metadata: dict[str, str], data_sha256: str) -> None:
+    fix = "restore the file or export the adapter again (increlora export --format peft)"
+    try:
+        manifest = json.loads(metadata[MANIFEST_KEY])
+        covers = manifest["covers"]
+        manifest["sha256"] = metadata[MANIFEST_SHA256_KEY]
+    except (json.JSONDecodeError, TypeError, KeyError) as err:
+        raise AdapterFileError(f"{path}: malformed {MANIFEST_KEY} header entry; {fix}") from err
+    if not isinstance(covers, str) or Path(covers).name != covers:
+        raise AdapterFileError(f"{path}: {MANIFEST_KEY} names a file outside {path.parent}")
+    config_file = path.parent / covers
+    config = read_json(config_file)
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{config_file}: not a JSON object; {fix}")
+    with open(path, "rb") as handle:
+        index = json.loads(handle.read(_safetensors_header_length(handle, path)))
+    index.pop("__metadata__", None)
+    try:
+        changed = manifest_mismatch(peft_manifest_fields(config, index, data_sha256), manifest)
+    except ValueError as err:
+        raise AdapterFileError(f"{path}: {err}; {fix}") from err
+    if changed is None:
+        return
+    in_config = [k.removeprefix("adapter_config.") for k in changed if k.startswith("adapter_")]
+    if in_config:  # name the file the change is in
+        raise AdapterFileError(manifest_error(config_file, in_config, "exported", fix))
+    raise AdapterFileError(manifest_error(path, changed, "exported", fix))
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Raise AdapterFileError naming the first tensor (by name) holding a NaN or infinity."""
+    for name in sorted(tensors):
+        t = tensors[name]
+        if not (t.is_floating_point() or t.is_complex()):
+            continue
+        bad = ~torch.isfinite(t)
+        if bad.any():
+            value = t[bad].flatten()[0].item()
+            raise AdapterFileError(
+                f"{path}: tensor {name} holds {int(bad.sum())} non-finite value(s) (first:"
+                f" {value}); the adapter was saved from a run that diverged: use an earlier"
+                " checkpoint or train again with a lower learning rate"
+            )
 
 
 def read_json(path: str | Path) -> Any:

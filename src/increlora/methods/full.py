@@ -22,6 +22,7 @@ from ..adapter_format import ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, CONFIG_FILE
 from ..config import AdapterConfig, require
 from ..io import (
     AdapterFileError,
+    add_manifest,
     atomic_directory,
     atomic_write_json,
     file_sha256,
@@ -106,7 +107,7 @@ class FullModel(ModelHandle):
         with atomic_directory(path) as tmp:
             save_tensors(tmp / WEIGHTS_FILE, _unique_state(self.model))
             meta["sha256"] = {WEIGHTS_FILE: file_sha256(tmp / WEIGHTS_FILE)}
-            atomic_write_json(tmp / CONFIG_FILE, meta)
+            atomic_write_json(tmp / CONFIG_FILE, add_manifest(meta))
 
     def export_peft(self, path: str | Path, **kwargs: Any) -> None:
         raise NotImplementedError(
