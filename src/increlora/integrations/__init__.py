@@ -3,8 +3,10 @@
 * :class:`IncreLoraConfig` — ``peft.get_peft_model(model, IncreLoraConfig(target_rank=2,
   task_type="SEQ_CLS"))`` (registered with PEFT by ``import increlora`` when peft is
   installed); the model's layers are this package's triplet layers.
-* :class:`IncreLoRACallback` — drives the growth inside any ``transformers.Trainer``
-  (plain, TRL's ``SFTTrainer``...): ``callbacks=[IncreLoRACallback()]``.
+* :class:`IncreloraAdaLoraConfig` — the package's AdaLoRA the same way (PEFT type
+  ``INCRELORA_ADALORA``; not PEFT's own ``AdaLoraConfig``).
+* :class:`IncreLoRACallback` — drives the growth (or AdaLoRA's masking) inside any
+  ``transformers.Trainer`` (plain, TRL's ``SFTTrainer``...): ``callbacks=[IncreLoRACallback()]``.
 * :func:`export_lora` — the trained adapter as plain PEFT LoRA with ``rank_pattern``.
 
 Names are imported on first use (peft and the Trainer are heavy imports). See docs/peft.md.
@@ -18,16 +20,36 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["IncreLoRACallback", "IncreLoraConfig", "IncreLoraModel", "export_lora", "register"]
+__all__ = [
+    "IncreLoRACallback",
+    "IncreLoraConfig",
+    "IncreLoraModel",
+    "IncreloraAdaLoraConfig",
+    "IncreloraAdaLoraModel",
+    "export_lora",
+    "register",
+]
+
+# Lazily imported names and the module holding each.
+_LAZY = {
+    "IncreLoraConfig": "peft_method",
+    "IncreLoraModel": "peft_method",
+    "IncreLoraLayer": "peft_method",
+    "IncreloraAdaLoraConfig": "peft_adalora",
+    "IncreloraAdaLoraModel": "peft_adalora",
+    "IncreloraAdaLoraLayer": "peft_adalora",
+}
 
 
 def register() -> bool:
-    """Register IncreLoRA with PEFT; False (nothing done) when peft is not installed."""
+    """Register the package's PEFT methods (IncreLoRA, AdaLoRA); False when peft is missing."""
     try:
+        from .peft_adalora import register as _register_adalora
         from .peft_method import register as _register
     except ImportError:
         return False
     _register()
+    _register_adalora()
     return True
 
 
@@ -76,7 +98,8 @@ def register_when_peft_loads() -> None:
 
 
 def export_lora(model: Any, path: str | Path, adapter_name: str = "default") -> dict[str, Any]:
-    """Write the IncreLoRA adapter of a PeftModel as plain PEFT LoRA (``rank_pattern``).
+    """Write the increlora adapter of a PeftModel (IncreLoRA, the package's AdaLoRA) as plain
+    PEFT LoRA (``rank_pattern``).
 
     The result loads with ``peft.PeftModel.from_pretrained`` alone (no increlora) and serves
     where PEFT LoRA adapters do (vLLM, TGI). Returns the written adapter_config.
@@ -86,17 +109,16 @@ def export_lora(model: Any, path: str | Path, adapter_name: str = "default") -> 
     tuner = find_tuner(model)
     if tuner is None:
         raise ValueError(
-            "export_lora: the model holds no IncreLoRA PEFT adapter; pass the PeftModel that"
-            " peft.get_peft_model(model, IncreLoraConfig(...)) returned"
+            "export_lora: the model holds no increlora PEFT adapter; pass the PeftModel that"
+            " peft.get_peft_model(model, IncreLoraConfig(...)) (or IncreloraAdaLoraConfig)"
+            " returned"
         )
     return tuner.export_lora(path, adapter_name)
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("IncreLoraConfig", "IncreLoraModel", "IncreLoraLayer"):
-        from . import peft_method
-
-        return getattr(peft_method, name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     if name == "IncreLoRACallback":
         from ..training.hf import IncreLoRACallback
 

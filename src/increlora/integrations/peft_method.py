@@ -28,6 +28,11 @@ What ``save_pretrained`` writes (``adapter_model.safetensors``, safetensors only
 
 One IncreLoRA adapter per model: PEFT's multi-adapter features (``add_adapter`` of a second
 IncreLoRA adapter, ``add_weighted_adapter``, mixed adapters) are refused, see docs/peft.md.
+
+The pieces are shared with the package's other PEFT methods (the AdaLoRA of
+:mod:`increlora.integrations.peft_adalora`): :func:`make_config_class` with
+:class:`PeftConfigMethods` (the config), :class:`PeftTripletLayer` (the tuner-layer mixin),
+:class:`PackageTuner` (the tuner) and :func:`register_method`.
 """
 
 from __future__ import annotations
@@ -64,10 +69,10 @@ _PEFT_OWNED = ("target_modules", "exclude_modules", "modules_to_save")
 
 
 # ------------------------------------------------------------------------------- config
-def _method_fields() -> list[tuple[str, Any, dataclasses.Field]]:
-    """IncreLoRAConfig's method fields (not the module selection) as PEFT config fields."""
+def _method_fields(package_config: type) -> list[tuple[str, Any, dataclasses.Field]]:
+    """A package config's method fields (not the module selection) as PEFT config fields."""
     result = []
-    for f in dataclasses.fields(IncreLoRAConfig):
+    for f in dataclasses.fields(package_config):
         if f.name in _PEFT_OWNED:
             continue
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
@@ -78,37 +83,82 @@ def _method_fields() -> list[tuple[str, Any, dataclasses.Field]]:
     return result
 
 
-class _IncreLoraConfigMethods:
-    """Methods of :class:`IncreLoraConfig` (its fields are generated, see below)."""
+class PeftConfigMethods:
+    """Methods of a generated PEFT config (:func:`make_config_class`) of a package method.
+
+    A subclass sets ``package_config`` (the package's config class), ``peft_type_name``
+    and ``_register`` (registers the method with PEFT; idempotent).
+    """
+
+    package_config: type
+    peft_type_name: str
+
+    @staticmethod
+    def _register() -> None:
+        raise NotImplementedError
 
     def __post_init__(self) -> None:
         super().__post_init__()  # PEFT's checks (task_type)
-        register()  # idempotent; normally done when peft was imported
-        self.peft_type = PeftType[PEFT_TYPE_NAME]
+        self._register()  # idempotent; normally done when peft was imported
+        self.peft_type = PeftType[self.peft_type_name]
         if isinstance(self.target_modules, set):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, set):
             self.exclude_modules = sorted(self.exclude_modules)
-        self.to_increlora_config()  # every check of IncreLoRAConfig, now, in one line
+        self.to_package_config()  # every check of the package's config, now, in one line
 
-    def to_increlora_config(self) -> IncreLoRAConfig:
-        """The package's IncreLoRAConfig with these values (modules_to_save stays PEFT's)."""
+    def to_package_config(self) -> Any:
+        """The package's config with these values (modules_to_save stays PEFT's)."""
         values = {
             name: getattr(self, _PEFT_NAMES.get(name, name))
-            for name in (f.name for f in dataclasses.fields(IncreLoRAConfig))
+            for name in (f.name for f in dataclasses.fields(self.package_config))
             if name != "modules_to_save"
         }
         try:
-            return IncreLoRAConfig(**values)
+            return self.package_config(**values)
         except ConfigError as err:
             message = str(err)
             for ours, peft_name in _PEFT_NAMES.items():
                 if message.startswith(f"{ours}:"):
                     message = peft_name + message[len(ours) :]
-            raise ConfigError(f"IncreLoraConfig: {message}") from None
+            raise ConfigError(f"{type(self).__name__}: {message}") from None
 
 
-def _make_config_class() -> type:
+class _IncreLoraConfigMethods(PeftConfigMethods):
+    """Methods of :class:`IncreLoraConfig` (its fields are generated, see below)."""
+
+    package_config = IncreLoRAConfig
+    peft_type_name = PEFT_TYPE_NAME
+
+    @staticmethod
+    def _register() -> None:
+        register()
+
+    def to_increlora_config(self) -> IncreLoRAConfig:
+        """The package's IncreLoRAConfig with these values (modules_to_save stays PEFT's)."""
+        return self.to_package_config()
+
+
+def make_config_class(
+    name: str,
+    methods: type,
+    doc: str,
+    hints: dict[str, str] | None = None,
+) -> type:
+    """A PEFT config dataclass whose fields are those of ``methods.package_config``.
+
+    ``hints`` maps field names of another spelling (PEFT's own config of the method) to what
+    to say when one is passed; an unknown field is a one-line ConfigError either way.
+    """
+    package_config = methods.package_config
+
+    def _help(field_name: str) -> str:
+        return next(
+            f.metadata.get("help", "")
+            for f in dataclasses.fields(package_config)
+            if f.name == field_name
+        )
+
     fields = [
         ("target_modules", Any, field(default=None, metadata={"help": _help("target_modules")})),
         ("exclude_modules", Any, field(default=None, metadata={"help": _help("exclude_modules")})),
@@ -123,34 +173,26 @@ def _make_config_class() -> type:
                 },
             ),
         ),
-        *_method_fields(),
+        *_method_fields(package_config),
     ]
     cls = dataclasses.make_dataclass(
-        "IncreLoraConfig",
-        fields,
-        bases=(_IncreLoraConfigMethods, PeftConfig),
-        namespace={"__module__": __name__},
+        name, fields, bases=(methods, PeftConfig), namespace={"__module__": methods.__module__}
     )
-    cls.__doc__ = (
-        "PEFT config of IncreLoRA: LoRA whose rank grows from ``init_rank`` to a budget"
-        " (``target_rank``, the average rank per adapted module, or ``target_params``).\n\n"
-        "Fields and defaults are :class:`increlora.IncreLoRAConfig`'s (``lora_alpha`` and"
-        " ``lora_dropout`` are its ``alpha`` and ``dropout``), plus PEFT's ``task_type``,"
-        " ``modules_to_save``, ``base_model_name_or_path``, ``inference_mode``. Schedule fields"
-        " left as None are derived from the Trainer's total steps by IncreLoRACallback."
-    )
+    cls.__doc__ = doc
     generated_init = cls.__init__
     valid = sorted(f.name for f in dataclasses.fields(cls))
+    hints = hints or {}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - set(valid))
         if unknown:
-            hints = [difflib.get_close_matches(u, valid, n=1) for u in unknown]
-            close = [f"{u!r} -> {h[0]!r}" for u, h in zip(unknown, hints) if h]
+            close = []
+            for u in unknown:
+                match = difflib.get_close_matches(u, valid, n=1)
+                if u in hints or match:
+                    close.append(f"{u!r} -> {hints.get(u) or repr(match[0])}")
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(
-                f"IncreLoraConfig: unknown field(s) {unknown}{hint}; valid fields are {valid}"
-            )
+            raise ConfigError(f"{name}: unknown field(s) {unknown}{hint}; valid fields are {valid}")
         generated_init(self, *args, **kwargs)
 
     __init__.__signature__ = __import__("inspect").signature(generated_init)  # type: ignore[attr-defined]
@@ -158,33 +200,42 @@ def _make_config_class() -> type:
     return cls
 
 
-def _help(name: str) -> str:
-    return next(
-        f.metadata.get("help", "") for f in dataclasses.fields(IncreLoRAConfig) if f.name == name
-    )
-
-
-IncreLoraConfig = _make_config_class()
+IncreLoraConfig = make_config_class(
+    "IncreLoraConfig",
+    _IncreLoraConfigMethods,
+    "PEFT config of IncreLoRA: LoRA whose rank grows from ``init_rank`` to a budget"
+    " (``target_rank``, the average rank per adapted module, or ``target_params``).\n\n"
+    "Fields and defaults are :class:`increlora.IncreLoRAConfig`'s (``lora_alpha`` and"
+    " ``lora_dropout`` are its ``alpha`` and ``dropout``), plus PEFT's ``task_type``,"
+    " ``modules_to_save``, ``base_model_name_or_path``, ``inference_mode``. Schedule fields"
+    " left as None are derived from the Trainer's total steps by IncreLoRACallback.",
+)
 
 
 # ------------------------------------------------------------------------------- layer
-class IncreLoraLayer(TripletLayer, BaseTunerLayer):
-    """This package's triplet layer as a PEFT tuner layer (one adapter per layer).
+class PeftTripletLayer:
+    """What makes a package layer a PEFT tuner layer (one adapter per layer).
 
+    A mixin, first in the bases: ``class L(PeftTripletLayer, PackageLayer, BaseTunerLayer)``.
     The parameters keep their names (``lora_A``, ``lora_E``, ``lora_B``: no per-adapter
-    dicts, there is one adapter); the persistent buffer ``lora_ranks`` holds
-    ``[active_rank, used_rank]`` in every state dict, and loading a state dict restores them.
+    dicts, there is one adapter). The layer's rank state (what changes during training) is
+    the persistent buffer named ``rank_buffer``, written from :meth:`rank_tensor` into every
+    state dict and restored by :meth:`restore_ranks` when a state dict is loaded.
     """
 
     adapter_layer_names = ()
     other_param_names = ()
+    label = "increlora"  # the method, in error messages
+    rank_buffer = "lora_ranks"
 
-    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        TripletLayer.__init__(self, base_layer, **kwargs)
-        self.register_buffer(
-            "lora_ranks",
-            torch.tensor([self.active_rank, self.used_rank], device=self.lora_A.device),
-        )
+    def rank_tensor(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def restore_ranks(self, saved: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _register_rank_buffer(self) -> None:
+        self.register_buffer(self.rank_buffer, self.rank_tensor().to(self.lora_A.device))
 
     # PEFT reads these as properties; AdapterLayer keeps plain flags.
     @property
@@ -210,8 +261,8 @@ class IncreLoraLayer(TripletLayer, BaseTunerLayer):
         names = [names] if isinstance(names, str) else list(names)
         if names and names != list(self.active_adapters):
             raise ValueError(
-                f"IncreLoRA layers hold one adapter ({self.active_adapters}), not {names}: PEFT"
-                " multi-adapter features are not supported (docs/peft.md)"
+                f"{self.label} layers hold one adapter ({self.active_adapters}), not {names}:"
+                " PEFT multi-adapter features are not supported (docs/peft.md)"
             )
         return names
 
@@ -227,7 +278,7 @@ class IncreLoraLayer(TripletLayer, BaseTunerLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         raise ValueError(
-            "IncreLoRA: the adapter cannot be deleted layer by layer; use model.unload() or"
+            f"{self.label}: the adapter cannot be deleted layer by layer; use model.unload() or"
             " merge_and_unload() to get the base model back"
         )
 
@@ -235,7 +286,7 @@ class IncreLoraLayer(TripletLayer, BaseTunerLayer):
         if adapter_names is not None:
             self._check_adapter_names(adapter_names)
         if safe_merge and not torch.isfinite(self.delta_weight()).all():
-            raise ValueError("IncreLoRA: the adapter holds NaN/inf values; merge refused")
+            raise ValueError(f"{self.label}: the adapter holds NaN/inf values; merge refused")
         super().merge()
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
@@ -243,15 +294,35 @@ class IncreLoraLayer(TripletLayer, BaseTunerLayer):
 
     # ------------------------------------------------------------- ranks in state dicts
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        self.lora_ranks.copy_(torch.tensor([self.active_rank, self.used_rank]))
+        getattr(self, self.rank_buffer).copy_(self.rank_tensor())
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any):
-        ranks = state_dict.get(prefix + "lora_ranks")
+        saved = state_dict.get(prefix + self.rank_buffer)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if ranks is not None:
-            active, used = (int(v) for v in ranks.tolist())
-            self.set_ranks(active, used)
+        if saved is not None:
+            self.restore_ranks(saved)
+
+
+class IncreLoraLayer(PeftTripletLayer, TripletLayer, BaseTunerLayer):
+    """This package's triplet layer as a PEFT tuner layer (one adapter per layer).
+
+    The persistent buffer ``lora_ranks`` holds ``[active_rank, used_rank]`` in every state
+    dict, and loading a state dict restores them.
+    """
+
+    label = "IncreLoRA"
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        TripletLayer.__init__(self, base_layer, **kwargs)
+        self._register_rank_buffer()
+
+    def rank_tensor(self) -> torch.Tensor:
+        return torch.tensor([self.active_rank, self.used_rank])
+
+    def restore_ranks(self, saved: torch.Tensor) -> None:
+        active, used = (int(v) for v in saved.tolist())
+        self.set_ranks(active, used)
 
 
 class _PeftIncreLoRA(IncreLoRA):
@@ -305,24 +376,30 @@ def decode_state(tensor: torch.Tensor) -> dict:
 
 
 # ------------------------------------------------------------------------------- tuner
-def find_tuner(model: nn.Module) -> IncreLoraModel | None:
-    """The IncreLoraModel inside ``model`` (a PeftModel, or what wraps one), or None."""
+def find_tuner(model: nn.Module) -> PackageTuner | None:
+    """The package's PEFT tuner (IncreLoRA, AdaLoRA) inside ``model`` (a PeftModel, or what
+    wraps one), or None."""
     for module in model.modules():
-        if isinstance(module, IncreLoraModel):
+        if isinstance(module, PackageTuner):
             return module
     return None
 
 
-class IncreLoraModel(BaseTuner):
-    """PEFT tuner of IncreLoRA: injects with the package's code, keeps its handle.
+class PackageTuner(BaseTuner):
+    """PEFT tuner of one of this package's methods: injects with the package's code, keeps
+    its handle.
 
     ``self.adapted`` is the :class:`~increlora.AdaptedModel` of the injected layers
     (``rank_pattern()``, ``controller(...)``); IncreLoRACallback drives its controller.
+    A subclass names ``method_class`` (a package :class:`~increlora.methods.base.Method`
+    whose layers are PEFT tuner layers, see :class:`PeftTripletLayer`), ``tuner_layer_cls``
+    and ``label``.
     """
 
     prefix = "lora_"
-    tuner_layer_cls = IncreLoraLayer
     target_module_mapping = TARGET_PRESETS
+    method_class: type
+    label = "increlora"
 
     def __init__(self, model: nn.Module, config: Any, adapter_name: str, **kwargs: Any) -> None:
         self.adapted: AdaptedModel | None = None
@@ -332,7 +409,7 @@ class IncreLoraModel(BaseTuner):
         super().__init__(model, config, adapter_name, **kwargs)
 
     def _create_and_replace(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover
-        raise NotImplementedError("IncreLoraModel injects all modules at once (inject_adapter)")
+        raise NotImplementedError(f"{type(self).__name__} injects all modules at once")
 
     def inject_adapter(
         self,
@@ -342,15 +419,14 @@ class IncreLoraModel(BaseTuner):
         low_cpu_mem_usage: bool = False,
         state_dict: dict | None = None,
     ) -> None:
-        """Put IncreLoRA on ``model`` with the package's injection (one budget for all)."""
+        """Put the method on ``model`` with the package's injection (one budget for all)."""
         if self.adapted is not None or len(self.peft_config) > 1:
             raise ValueError(
-                "IncreLoraConfig: a model holds one IncreLoRA adapter; PEFT multi-adapter"
-                " features (a second adapter, add_weighted_adapter, mixed models) are not"
-                " supported (docs/peft.md)"
+                f"{self._one_adapter}; PEFT multi-adapter features (a second adapter,"
+                " add_weighted_adapter, mixed models) are not supported (docs/peft.md)"
             )
         peft_config = self.peft_config[adapter_name]
-        method = _PeftIncreLoRA(peft_config.to_increlora_config())
+        method = self.method_class(peft_config.to_package_config())
         layers, _ = _attach(model, method)
         for layer in layers.values():
             layer._active_adapter = adapter_name
@@ -366,9 +442,14 @@ class IncreLoraModel(BaseTuner):
             activate_adapter=True,
         )
 
+    @property
+    def _one_adapter(self) -> str:
+        config = type(next(iter(self.peft_config.values()))).__name__
+        return f"{config}: a model holds one {self.label} adapter"
+
     def _check_new_adapter_config(self, config: Any) -> None:
         if len(self.peft_config) > 1:
-            raise ValueError("IncreLoraConfig: a model holds one IncreLoRA adapter (docs/peft.md)")
+            raise ValueError(f"{self._one_adapter} (docs/peft.md)")
 
     # -------------------------------------------------------------------- controller
     def controller_state(self) -> dict | None:
@@ -377,8 +458,9 @@ class IncreLoraModel(BaseTuner):
         return controller.state_dict() if controller is not None else self.pending_controller_state
 
     def rank_pattern(self) -> dict[str, int]:
-        """Active rank per adapted module (names relative to the base model)."""
-        return {name: layer.active_rank for name, layer in self.adapted.layers.items()}
+        """Rank in use per adapted module (names relative to the base model): the rank of
+        its plain LoRA export."""
+        return self.adapted.rank_pattern()
 
     def num_active_parameters(self) -> int:
         """Adapter parameters in use (``print_trainable_parameters`` counts the capacity)."""
@@ -432,6 +514,18 @@ class IncreLoraModel(BaseTuner):
         )
 
 
+class IncreLoraModel(PackageTuner):
+    """PEFT tuner of IncreLoRA (:class:`PackageTuner` with :class:`IncreLoraLayer`)."""
+
+    tuner_layer_cls = IncreLoraLayer
+    method_class = _PeftIncreLoRA
+    label = "IncreLoRA"
+
+    def rank_pattern(self) -> dict[str, int]:
+        """Active rank per adapted module (names relative to the base model)."""
+        return {name: layer.active_rank for name, layer in self.adapted.layers.items()}
+
+
 class _ExportView:
     """What :func:`increlora.export.export_peft` reads, with PEFT's modules_to_save copies."""
 
@@ -467,19 +561,24 @@ def _add_peft_type(name: str) -> PeftType:
     return member
 
 
-def register() -> None:
-    """Make IncreLoRA a PEFT method (idempotent; ``import increlora`` calls it)."""
+def register_method(peft_type_name: str, config_cls: type, model_cls: type) -> None:
+    """Make a package method a PEFT method under ``peft_type_name`` (idempotent)."""
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils.peft_types import register_peft_method
 
-    peft_type = _add_peft_type(PEFT_TYPE_NAME)
-    if PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is IncreLoraModel:
+    peft_type = _add_peft_type(peft_type_name)
+    if PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is model_cls:
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         register_peft_method(
-            name=PEFT_TYPE_NAME.lower(),
-            config_cls=IncreLoraConfig,
-            model_cls=IncreLoraModel,
-            prefix=IncreLoraModel.prefix,
+            name=peft_type_name.lower(),
+            config_cls=config_cls,
+            model_cls=model_cls,
+            prefix=model_cls.prefix,
         )
+
+
+def register() -> None:
+    """Make IncreLoRA a PEFT method (idempotent; ``import increlora`` calls it)."""
+    register_method(PEFT_TYPE_NAME, IncreLoraConfig, IncreLoraModel)

@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -147,6 +147,8 @@ class AdaLoRA(Method):
     config_class = AdaLoRAConfig
     peft_exportable = True
     size_field = "target_rank"
+    # The layer built per module (the PEFT integration builds an AdaLoRALayer subclass).
+    layer_class: ClassVar[type[AdaLoRALayer]] = AdaLoRALayer
 
     def build_layers(self, model: nn.Module, names: list[str]) -> dict[str, AdaLoRALayer]:
         config: AdaLoRAConfig = self.config
@@ -160,7 +162,7 @@ class AdaLoRA(Method):
                     f"init_rank: {config.initial_rank} triplets exceed min(d_in, d_out) = {limit}"
                     f" of {name}; lower init_rank (or target_rank)"
                 )
-            layers[name] = AdaLoRALayer(
+            layers[name] = self.layer_class(
                 base,
                 rank=config.initial_rank,
                 alpha=config.alpha,

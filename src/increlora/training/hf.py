@@ -134,14 +134,8 @@ def _calling_trainer(max_depth: int = 12) -> tuple[Trainer | None, str | None]:
 
 
 def _find_adapted(model: torch.nn.Module | None) -> Any:
-    """The AdaptedModel of the IncreLoRA PEFT adapter inside ``model``, or None."""
-    if model is None:
-        return None
-    try:
-        from ..integrations.peft_method import find_tuner
-    except ImportError:  # peft not installed: no PEFT model can be here
-        return None
-    tuner = find_tuner(model)
+    """The AdaptedModel of the increlora PEFT adapter (IncreLoRA, AdaLoRA) in ``model``, or None."""
+    tuner = _peft_tuner(model)
     return None if tuner is None else tuner.adapted
 
 
@@ -150,7 +144,9 @@ class IncreLoRACallback(TrainerCallback):
 
     ``callbacks=[IncreLoRACallback()]`` on a Trainer whose model holds an IncreLoRA adapter
     made by ``peft.get_peft_model(model, IncreLoraConfig(...))``; pass ``adapted=`` for a
-    model made with :func:`increlora.inject`. It wires in what IncreLoRA needs:
+    model made with :func:`increlora.inject`. It wires in what IncreLoRA needs (and drives
+    any other method's controller the same way: the package's AdaLoRA, made with
+    ``IncreloraAdaLoraConfig``, gets its importance scoring, masking and regularizer):
 
     * the controller (allocator) is built on the Trainer's optimizer when training begins,
       for the run's ``max_steps`` (schedule fields left unset are derived from them). Every
@@ -204,8 +200,9 @@ class IncreLoRACallback(TrainerCallback):
         if adapted is None:
             raise ValueError(
                 "IncreLoRACallback: the Trainer's model holds no IncreLoRA adapter; wrap it with"
-                " peft.get_peft_model(model, IncreLoraConfig(...)) after `import increlora`, or"
-                " pass IncreLoRACallback(adapted=increlora.inject(model, config))"
+                " peft.get_peft_model(model, IncreLoraConfig(...)) (or IncreloraAdaLoraConfig)"
+                " after `import increlora`, or pass"
+                " IncreLoRACallback(adapted=increlora.inject(model, config))"
             )
         self.adapted = adapted
         if optimizer is None and trainer is not None:
@@ -235,7 +232,7 @@ class IncreLoRACallback(TrainerCallback):
         # A PEFT adapter carries the state in its weights file (loaded with the adapter).
         tuner = _peft_tuner(model)
         loaded = getattr(tuner, "pending_controller_state", None)
-        if loaded is not None and loaded.get("optimizer_steps") == state.global_step:
+        if loaded is not None and _optimizer_steps(loaded) == state.global_step:
             controller.load_state_dict(loaded)
             return
         raise AdapterFileError(
@@ -317,12 +314,20 @@ class IncreLoRACallback(TrainerCallback):
         logger.info("controller state (ranks) of %s restored with its weights", folder)
 
 
+def _optimizer_steps(controller_state: dict) -> int | None:
+    """The optimizer steps a controller state was saved at (IncreLoRA's or AdaLoRA's layout)."""
+    steps = controller_state.get("optimizer_steps")
+    if steps is None:
+        steps = controller_state.get("guard", {}).get("optimizer_steps")
+    return steps
+
+
 def _peft_tuner(model: Any) -> Any:
     if model is None:
         return None
     try:
         from ..integrations.peft_method import find_tuner
-    except ImportError:
+    except ImportError:  # peft not installed: no PEFT model can be here
         return None
     return find_tuner(model)
 
