@@ -72,6 +72,12 @@ LOSS_BLOWUP = 10.0
 loss stayed finite (a learning rate far too high): the run finishes, but says so."""
 
 
+WEIGHT_BLOWUP = 1e4
+"""Trainable weights whose largest magnitude exceeds this many times the largest at the start
+(at least 1) have exploded: no trained adapter or head is that far from its start, so such a
+state is not checkpointed or exported, and the run stops (a NaN loss would follow)."""
+
+
 def _loss_summary(first: float | None, last: float | None) -> dict[str, Any]:
     blew_up = first is not None and last is not None and last > LOSS_BLOWUP * max(first, 1e-8)
     return {"first": first, "last": last, "blew_up": blew_up}
@@ -164,6 +170,12 @@ class RunState:
     loss_window: list[float] = field(default_factory=list)  # task losses since the last log
     first_loss: float | None = None  # the first logged mean task loss
     last_loss: float | None = None  # the latest one
+    # What makes a checkpoint good: the largest micro-batch loss since the last checkpoint,
+    # the largest |trainable weight| at the start, and why the checkpoint on disk is not a
+    # good one (None: it is; see Trainer._checkpoint).
+    peak_loss: float | None = None
+    weight_scale: float | None = None
+    checkpoint_flaw: str | None = None
 
     def elapsed(self, sitting_s: float) -> float:
         """Wall time of the whole run: the earlier sittings plus this one's ``sitting_s``."""
@@ -375,6 +387,8 @@ class Trainer:
         """Train to ``total_steps``; True when stopped early at ``stop_at_step``."""
         cfg, acc = self.config.train, self.accelerator
         self.boundary_rng = torch.get_rng_state()
+        if self.state.weight_scale is None:  # a fresh run (or a checkpoint from before it)
+            self.state.weight_scale = self._largest_weight()[0]
         self.model.train()
         progress = tqdm(
             total=self.total_steps,
@@ -400,7 +414,9 @@ class Trainer:
                     with acc.accumulate(self.model):
                         loss = compute_loss(self.model, batch)
                         self._check_finite(loss)
-                        self.state.loss_window.append(float(loss.detach()))
+                        value = float(loss.detach())
+                        self.state.loss_window.append(value)
+                        self.state.peak_loss = max(value, self.state.peak_loss or value)
                         acc.backward(loss + self.controller.regularization_loss())
                         if not acc.sync_gradients:
                             continue
@@ -480,20 +496,86 @@ class Trainer:
         bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0, device=loss.device)
         if float(self.accelerator.reduce(bad, reduction="sum")) == 0:
             return
-        kept = (
-            f"the last good checkpoint (step {self.last_checkpoint_step}) is kept in"
-            f" {self.out / O.CHECKPOINT}"
-            if self.last_checkpoint_step is not None
-            else "no checkpoint had been written yet"
-        )
         self.log.write(
             {"event": "diverged", "step": self.state.step + 1, "loss": float(loss.detach())}
         )
         raise TrainingDiverged(
             f"the loss became {float(loss.detach())} at step {self.state.step + 1} (epoch"
-            f" {self.state.epoch}); training stopped and {kept}. Lower the learning rate"
-            f" (now {self.learning_rate:g}), keep max_grad_norm set, or use fp32, and start a new"
-            " run with a new --output-dir."
+            f" {self.state.epoch}); training stopped and {self._kept()}. {self._advice()}"
+        )
+
+    def _kept(self) -> str:
+        """What the checkpoint on disk is worth, for a divergence message."""
+        where = self.out / O.CHECKPOINT
+        if self.last_checkpoint_step is None:
+            return "no checkpoint had been written yet, so there is no good one"
+        if self.state.checkpoint_flaw is None:
+            return f"the last good checkpoint (step {self.last_checkpoint_step}) is kept in {where}"
+        return (
+            f"the checkpoint in {where} (step {self.last_checkpoint_step}) is not a good one"
+            f" ({self.state.checkpoint_flaw}); no good checkpoint was kept"
+        )
+
+    def _advice(self) -> str:
+        return (
+            f"Lower the learning rate (now {self.learning_rate:g}), keep max_grad_norm set, or"
+            " use fp32, and start a new run with a new --output-dir."
+        )
+
+    def _largest_weight(self) -> tuple[float, str | None]:
+        """The largest |value| over this process's part of the trainable weights and where it
+        is (inf / nan when one is non-finite: the first such tensor is named)."""
+        largest, where = 0.0, None
+        with torch.no_grad():
+            for name, p in self.adapted.named_trainable_parameters():
+                local = p.detach().to_local() if hasattr(p, "to_local") else p.detach()
+                if local.numel() == 0:
+                    continue
+                if not torch.isfinite(local).all():
+                    return float(local[~torch.isfinite(local)].flatten()[0]), name
+                value = float(local.abs().max())
+                if value > largest:
+                    largest, where = value, name
+        return largest, where
+
+    def _check_weights(self) -> None:
+        """Stop before a checkpoint or export holds non-finite or exploded weights (the one
+        on disk stays): a checkpoint is good only when its weights are finite and within
+        WEIGHT_BLOWUP of their start and its loss stayed finite and below LOSS_BLOWUP."""
+        largest, name = self._largest_weight()
+        limit = WEIGHT_BLOWUP * max(self.state.weight_scale or 0.0, 1.0)
+        bad = not math.isfinite(largest) or largest > limit
+        flag = torch.tensor(1.0 if bad else 0.0, device=self.accelerator.device)
+        if float(self.accelerator.reduce(flag, reduction="sum")) == 0:
+            return
+        if not bad:
+            what = "became non-finite or exploded on another process"
+        elif not math.isfinite(largest):
+            what = f"became non-finite ({largest} in {name})"
+        else:
+            what = (
+                f"exploded (|w| up to {largest:.3g} in {name}, over {WEIGHT_BLOWUP:g}x the"
+                f" largest at the start, {self.state.weight_scale or 0.0:.3g})"
+            )
+        self.log.write({"event": "diverged", "step": self.state.step, "weights": what})
+        raise TrainingDiverged(
+            f"the trainable weights {what} at step {self.state.step} (epoch {self.state.epoch});"
+            f" training stopped before saving them and {self._kept()}. {self._advice()}"
+        )
+
+    def _checkpoint_flaw(self) -> str | None:
+        """Why a checkpoint of the current state would not be a good one (the weights are
+        checked already): the loss since the last checkpoint rose over LOSS_BLOWUP x the
+        first logged one (or the first micro-batch's, before anything was logged)."""
+        first = self.state.first_loss
+        if first is None and self.state.loss_window:
+            first = self.state.loss_window[0]
+        peak = self.state.peak_loss
+        if first is None or peak is None or peak <= LOSS_BLOWUP * max(first, 1e-8):
+            return None
+        return (
+            f"the loss before it rose to {peak:.4g}, over {LOSS_BLOWUP:g}x the first logged"
+            f" {first:.4g}"
         )
 
     def _interrupted(self, signum: int | None) -> None:
@@ -581,6 +663,7 @@ class Trainer:
             f" (best {self.state.best['value']:.4f} at step {self.state.best['step']}){stuck}"
         )
         select_best = self.config.train.select_best
+        self._check_weights()  # exploded or NaN weights are neither exported nor checkpointed
         if (improved and select_best) or (not select_best and self.state.step == self.total_steps):
             self._export()
         self._checkpoint()
@@ -608,6 +691,9 @@ class Trainer:
         """Every process calls it (sharded states are gathered); the main one writes."""
         if self.last_checkpoint_step == self.state.step:
             return
+        self._check_weights()
+        self.state.checkpoint_flaw = self._checkpoint_flaw()
+        self.state.peak_loss = None  # the next checkpoint judges the losses after this one
         scaler = self.accelerator.scaler
         extra = {
             **self.state.saved(time.time() - self.sitting_start),
