@@ -104,6 +104,38 @@ def test_resume_from_a_mid_growth_checkpoint_is_exact(straight, tmp_path):
         torch.testing.assert_close(p, expected[name], rtol=0, atol=0, msg=name)
 
 
+def _decisions(callback: IncreLoRACallback) -> list[list[tuple[str, int]]]:
+    """Per round: the modules that grew and their new rank (in name order, not score order)."""
+    history = callback.controller.history
+    return [sorted((g["module"], g["rank"]) for g in e["grown"]) for e in history]
+
+
+def test_bf16_autocast_grows_like_fp32(straight, tmp_path):
+    """Mixed precision as a CPU has it (bf16 autocast; the Trainer's fp16 needs a GPU): the
+    adapted layers run in bf16, and growth picks the same modules at the same steps."""
+    dtypes: set[torch.dtype] = set()
+
+    class _Dtypes(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            layer = next(iter(find_tuner(model).adapted.layers.values()))
+            layer.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
+
+    model = peft.get_peft_model(MODEL_CASES["bert"].make(), _config())
+    callback = IncreLoRACallback()
+    trainer = transformers.Trainer(
+        model=model, args=_arguments(tmp_path, bf16=True, save_strategy="no"),
+        train_dataset=_dataset(), callbacks=[callback, _Dtypes()],
+    )  # fmt: skip
+    trainer.train()
+    assert dtypes == {torch.bfloat16}
+    assert callback.controller.total_rank == 24
+    _, fp32 = straight
+    assert _decisions(callback) == _decisions(fp32)
+    # not the fp32 run again: the scores moved (by up to ~20% on this tiny model)
+    scores = [e["scores"] for e in callback.controller.history]
+    assert scores != [e["scores"] for e in fp32.controller.history]
+
+
 def test_load_best_model_at_end_restores_the_best_ranks(tmp_path):
     evaluations: list[int] = []
 
