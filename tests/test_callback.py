@@ -111,8 +111,9 @@ def _decisions(callback: IncreLoRACallback) -> list[list[tuple[str, int]]]:
 
 
 def test_bf16_autocast_grows_like_fp32(straight, tmp_path):
-    """Mixed precision as a CPU has it (bf16 autocast; the Trainer's fp16 needs a GPU): the
-    adapted layers run in bf16, and growth picks the same modules at the same steps."""
+    """The Trainer's bf16 autocast: the adapted layers run in bf16, and growth picks the same
+    modules at the same steps as in fp32. Not fp16: on CPU the Trainer accepts fp16=True but
+    runs fp32 (this test with fp16 saw fp32 layer outputs and no grad scaler); it needs a GPU."""
     dtypes: set[torch.dtype] = set()
 
     class _Dtypes(transformers.TrainerCallback):
