@@ -38,12 +38,14 @@ RESUME_AT = 7  # mid-growth (rounds at steps 4, 6, 8, 10)
 IMPORTANCES = ("proxy", "paper")
 
 
-def make_config(importance: str) -> IncreLoRAConfig:
+def make_config(importance: str, storage: str = "auto") -> IncreLoRAConfig:
     # Capacity 5 splits 3 + 2 over two processes (uneven shards), and growth from rank 1 to
-    # 3-4 crosses the shard boundary of A and e.
+    # 3-4 crosses the shard boundary of A and e. FSDP2 shards once: static storage; the
+    # single-process and DDP runs re-allocate at every round (dynamic, the default), so DDP's
+    # reducer is rebuilt four times and must still average the gradients exactly.
     return IncreLoRAConfig(
         target_modules=["lin0", "lin1"], modules_to_save=["head"], target_rank=3, max_rank=5,
-        init_warmup=2, interval=2, top_h=1, alpha=4, importance=importance,
+        init_warmup=2, interval=2, top_h=1, alpha=4, importance=importance, storage=storage,
     )  # fmt: skip
 
 
@@ -59,7 +61,8 @@ class Run:
         torch.manual_seed(0)
         self.mode = mode
         self.model = TinyMLP()
-        self.adapted = increlora.inject(self.model, make_config(importance))
+        storage = "static" if mode == "fsdp" else "auto"
+        self.adapted = increlora.inject(self.model, make_config(importance, storage))
         self.forward = self.model
         if mode == "ddp":
             self.forward = torch.nn.parallel.DistributedDataParallel(self.model)
@@ -195,6 +198,16 @@ def _assert_same(a: Any, b: Any, path: str = "", atol: float = 0.0) -> None:
         assert a == b, path
 
 
+def _in_use(result: dict) -> dict:
+    """Weights restricted to the ranks in use (static storage also holds zero rows past them)."""
+    weights = dict(result["weights"])
+    for name, (_, used) in zip(result["allocator"]["names"], result["allocator"]["ranks"]):
+        weights[f"{name}.lora_A"] = weights[f"{name}.lora_A"][:used]
+        weights[f"{name}.lora_E"] = weights[f"{name}.lora_E"][:used]
+        weights[f"{name}.lora_B"] = weights[f"{name}.lora_B"][:, :used]
+    return weights
+
+
 def _decisions(state: dict) -> list[tuple[int, list[tuple[str, int]]]]:
     return [(e["step"], [(g["module"], g["rank"]) for g in e["grown"]]) for e in state["history"]]
 
@@ -240,7 +253,9 @@ def test_matches_one_process_over_the_global_batch(results, mode, importance):
         rtol=1e-4,
         atol=1e-9,
     )
-    _assert_same(single["weights"], distributed["weights"], "weights", atol=1e-5)
+    _assert_same(_in_use(single), _in_use(distributed), "weights", atol=1e-5)
+    if mode == "ddp":  # dynamic storage: the tensors hold the ranks in use and nothing more
+        _assert_same(single["weights"], distributed["weights"], "weights", atol=1e-5)
 
 
 def test_sharded_unused_rows_stay_zero(results):
@@ -283,6 +298,16 @@ def test_fsdp_export_matches_ddp_and_reloads_in_peft(results):
     x = global_batch(100)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), results["single-model"](x), rtol=0, atol=1e-5)
+
+
+def test_dynamic_storage_under_fsdp_is_refused_with_the_fix(monkeypatch):
+    """FSDP2 shards parameters once; dynamic storage would re-allocate them: one line that
+    names storage='static', and 'auto' picks static when accelerate set up FSDP."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert make_config("proxy").resolved_storage == "static"
+    assert make_config("proxy", "dynamic").resolved_storage == "dynamic"
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert make_config("proxy").resolved_storage == "dynamic"
 
 
 def test_flattened_or_partitioned_parameters_are_refused():

@@ -1,7 +1,10 @@
 """Full training state for exact resume: trainable weights, optimizer, controller, scheduler.
 
-Everything is stored as JSON + safetensors (no pickle). Adapter tensors are saved at full
-capacity, so a checkpoint taken mid-growth restores bit-exactly.
+Everything is stored as JSON + safetensors (no pickle). Adapter tensors are saved as stored
+(the ranks in use under ``storage="dynamic"``, the capacity under ``"static"``); loading
+re-allocates growing layers to the saved shapes before the weights and the optimizer state
+are restored, so a checkpoint taken mid-growth restores bit-exactly. A checkpoint written
+with static storage loads into dynamic storage too (the controller's ranks then trim it).
 
 Several processes: only the main process writes. Under DDP, call saving on the main process
 or on all; under FSDP2 (sharded parameters and optimizer states) call both functions on every
@@ -91,6 +94,7 @@ def load_training_state(
     if is_main_process():
         remove_stale_writes(path)
     weights = load_state(path, "trainable")
+    _restore_storage(adapted, weights)
     params = dict(adapted.named_trainable_parameters())
     if set(weights) != set(params):
         raise AdapterFileError(
@@ -115,6 +119,18 @@ def load_training_state(
     if restore_rng:
         torch.set_rng_state(extra["rng"]["torch"])
     return extra
+
+
+def _restore_storage(adapted: Any, weights: dict[str, torch.Tensor]) -> None:
+    """Layers whose storage follows their rank take the saved number of rows (before the
+    shape check, the weights and the optimizer state, which is saved in those shapes)."""
+    names = {id(p): n for n, p in adapted.named_trainable_parameters()}
+    for layer in getattr(adapted, "layers", {}).values():
+        if getattr(layer, "storage", None) != "dynamic":
+            continue
+        saved = weights.get(names.get(id(layer.lora_E), ""))
+        if saved is not None and saved.dim() == 1 and 1 <= saved.shape[0] <= layer.capacity:
+            layer.resize_storage(int(saved.shape[0]))
 
 
 def remove_stale_writes(path: str | Path) -> list[Path]:

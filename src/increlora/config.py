@@ -7,6 +7,7 @@ dataclass, and ``__post_init__`` validates with errors that name the field and t
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -72,6 +73,7 @@ class AdapterConfig:
 Scaling = Literal["per_rank", "constant", "rescale"]
 Importance = Literal["paper", "proxy"]
 Init = Literal["paper", "lora"]
+Storage = Literal["auto", "dynamic", "static"]
 
 
 @dataclass
@@ -90,8 +92,9 @@ class IncreLoRAConfig(AdapterConfig):
     init_rank: int = option(1, "Active rank of every module at step 0 (r0).")
     max_rank: int | None = option(
         None,
-        "Capacity per module (pre-allocated rows). None: min(d_in, d_out, 8 x ceil(average"
-        " target rank) + add_r (1 if unset)). Growth never exceeds it; memory scales with it.",
+        "Capacity per module: the most ranks it may reach. None: min(d_in, d_out, 8 x"
+        " ceil(average target rank) + add_r (1 if unset)). Growth never exceeds it; memory"
+        " scales with it only under storage='static'.",
     )
     init_warmup: int | None = option(None, "Optimizer steps before the first growth round.")
     interval: int | None = option(None, "Optimizer steps between growth rounds.")
@@ -152,9 +155,22 @@ class IncreLoRAConfig(AdapterConfig):
     init_std: float = option(0.02, "init='paper': std of the normal init of A and B.")
     new_rank_e: float = option(1e-5, "Initial (and reserve) value of e for new ranks.")
     seed: int = option(0, "Seed of the random init of new ranks (identical on every process).")
+    storage: Storage = option(
+        "auto",
+        "'dynamic': each module's tensors hold the ranks in use and are re-allocated when it"
+        " grows (memory follows the rank; DDP supported); 'static': every module holds"
+        " max_rank rows from the start (needed by FSDP2, which shards parameters once);"
+        " 'auto': static under FSDP (ACCELERATE_USE_FSDP set by accelerate / the HF Trainer),"
+        " dynamic otherwise. Same math either way (docs/memory.md).",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require(
+            self.storage in ("auto", "dynamic", "static"),
+            "storage",
+            f"must be 'auto', 'dynamic' or 'static', got {self.storage!r}",
+        )
         require(
             (self.target_rank is None) != (self.target_params is None),
             "target_rank/target_params",
@@ -223,6 +239,14 @@ class IncreLoRAConfig(AdapterConfig):
         """add_r where it must be known before the schedule is derived (capacity, reserve
         rows, a fully given schedule): the given value, or 1 when add_r=None."""
         return self.add_r or 1
+
+    @property
+    def resolved_storage(self) -> str:
+        """'dynamic' or 'static' ('auto': static when accelerate / the HF Trainer set up FSDP)."""
+        if self.storage != "auto":
+            return self.storage
+        fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower()
+        return "static" if fsdp in ("1", "true", "yes") else "dynamic"
 
     @property
     def reserve_rank(self) -> int:

@@ -22,12 +22,19 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, IncreLoRAConfig
-from ..distributed import all_reduce_mean_, broadcast_from_main, is_main_process, local_shard
+from ..distributed import (
+    all_reduce_mean_,
+    broadcast_from_main,
+    is_main_process,
+    is_sharded,
+    local_shard,
+)
 from ..layers.triplet import TripletLayer
 from .fresh_rows import FreshRows
 from .importance import ImportanceEMA, paper_score, proxy_score, sample_rows
 from .schedule import GrowthPlan, ModuleSlot, budget_reached, make_plan, select_growth
 from .step_guard import StepGuard, check_optimizer_holds, unwrap_optimizer
+from .storage import ddp_modules, fit_optimizer_state, rebuild_ddp_reducer
 
 logger = logging.getLogger("increlora.allocation")
 
@@ -39,7 +46,7 @@ def _check_whole_shapes(layers: dict[str, TripletLayer]) -> None:
     and DeepSpeed ZeRO-3 leave flattened views or empty placeholders in the modules.
     """
     for name, layer in layers.items():
-        expected = (layer.capacity, layer.in_features)
+        expected = (layer.rows, layer.in_features)
         if tuple(layer.lora_A.shape) != expected:
             raise ConfigError(
                 f"{name}.lora_A has shape {tuple(layer.lora_A.shape)}, expected {expected}: its"
@@ -63,6 +70,14 @@ class IncreLoRAAllocator:
         self.layers = list(layers.values())
         self.config = config
         _check_whole_shapes(layers)
+        for name, layer in layers.items():
+            if layer.storage == "dynamic" and is_sharded(layer.lora_A):
+                raise ConfigError(
+                    f"{name}: its parameters were sharded (FSDP2) but the adapters were injected"
+                    " with storage='dynamic', which re-allocates them when they grow; inject"
+                    " with storage='static' (storage='auto' picks it when ACCELERATE_USE_FSDP"
+                    " is set, as accelerate launch and the HF Trainer do; docs/memory.md)"
+                )
         self.slots = [
             ModuleSlot(n, m.in_features + m.out_features + 1, m.capacity, m.init_rank)
             for n, m in layers.items()
@@ -265,10 +280,14 @@ class IncreLoRAAllocator:
         if not chosen:
             return None
         grown = []
+        resized = []
         for i, add in chosen:
             layer = self.layers[i]
-            old_active, old_used = layer.active_rank, layer.used_rank
+            old_active, old_used, old_rows = layer.active_rank, layer.used_rank, layer.rows
             layer.grow(add, self.config.reserve_rank, self._generator(t, i))
+            if layer.rows != old_rows:  # dynamic storage: optimizer state follows the rows
+                resized.append(layer)
+                fit_optimizer_state(self.optimizer, layer)
             self.fresh.mark(
                 i, range(old_used, layer.used_rank), range(old_active, layer.active_rank), t
             )
@@ -280,6 +299,7 @@ class IncreLoRAAllocator:
                     "score": float(scores[i]),
                 }
             )
+        self._rebuild_ddp(resized)
         picked = {i for i, _ in chosen}
         rest = [float(scores[i]) for i in range(len(scores)) if i not in picked]
         event = {
@@ -307,10 +327,14 @@ class IncreLoRAAllocator:
     def _check_done(self, t: int = 0) -> None:
         if self.growing and budget_reached(self.slots, self._ranks(), self.plan):
             self.growing = False
+            rows = [layer.rows for layer in self.layers]
             for layer in self.layers:
                 layer.drop_reserve()
                 layer.grad_product, layer.grad_rows = None, None
                 layer.enable_task_grads(False)
+            resized = [m for m, r in zip(self.layers, rows) if m.rows != r]
+            self._fit_storage(resized)
+            self._rebuild_ddp(resized)
             if is_main_process():
                 logger.info(
                     "step %d: budget reached (total rank %d, %d trainable adapter params);"
@@ -322,6 +346,18 @@ class IncreLoRAAllocator:
 
     def num_trainable_parameters(self) -> int:
         return sum(m.num_adapter_parameters() for m in self.layers)
+
+    # ------------------------------------------------------------------ storage
+    def _fit_storage(self, layers: list[TripletLayer]) -> None:
+        """Optimizer state of re-allocated (dynamic storage) layers takes their new shape."""
+        for layer in layers:
+            fit_optimizer_state(self.optimizer, layer)
+
+    def _rebuild_ddp(self, layers: list[TripletLayer]) -> None:
+        """DDP reducers size their buckets at construction: rebuild those that hold a
+        re-allocated parameter (every process resizes the same layers at the same step)."""
+        for ddp in ddp_modules(layers):
+            rebuild_ddp_reducer(ddp)
 
     # --------------------------------------------------------------- regularizer
     def regularization_loss(self) -> torch.Tensor:
@@ -353,8 +389,12 @@ class IncreLoRAAllocator:
                 "allocator state was saved for different modules; was the model injected with"
                 " the same target_modules?"
             )
+        rows = [layer.rows for layer in self.layers]
         for layer, (active, used) in zip(self.layers, state["ranks"]):
-            layer.set_ranks(int(active), int(used))
+            layer.set_ranks(int(active), int(used))  # dynamic storage: re-allocated to fit
+        resized = [m for m, r in zip(self.layers, rows) if m.rows != r]
+        self._fit_storage(resized)
+        self._rebuild_ddp(resized)
         self.guard.load_state_dict(
             {
                 "optimizer_steps": state["optimizer_steps"],

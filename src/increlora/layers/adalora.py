@@ -43,6 +43,7 @@ class AdaLoRALayer(TripletLayer):
             init_std=init_std,
             new_rank_e=0.0,
             generator=generator,
+            storage="static",  # a fixed rank: every triplet is stored and trains
         )
         # Not a persistent buffer: saves carry it in rank_state, checkpoints in the controller.
         self.register_buffer(

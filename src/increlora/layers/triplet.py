@@ -2,15 +2,23 @@
 
     y = W0 x + s * B[:, :u] diag(e[:u]) A[:u] dropout(x)
 
-``A`` (capacity x d_in), ``e`` (capacity) and ``B`` (d_out x capacity) are allocated once at
-``capacity`` rows, so no parameter is ever created or reshaped after a model may have been
-wrapped by DDP/FSDP. Only the prefix ``u = active_rank + reserve_rank`` takes part in the
-forward pass (views, so compute scales with the rank in use, not the capacity):
+``capacity`` is the most ranks the module may reach (the allocator's limit). How many rows
+``A`` (rows x d_in), ``e`` (rows) and ``B`` (d_out x rows) really hold is the *storage*:
+
+* ``storage="dynamic"`` (the default): exactly the ranks in use, ``rows = used_rank``. A
+  growth round re-allocates the grown modules' tensors in place (``param.data`` is swapped,
+  so the Parameter objects, the optimizer's references and hooks stay), and the allocator
+  resizes their gradients and optimizer state to match and rebuilds a DDP reducer
+  (docs/memory.md). Memory follows the rank in use.
+* ``storage="static"``: ``rows = capacity`` from the start, never reshaped (FSDP2 shards the
+  parameters once, so it needs this; ``"auto"`` in the config picks it under FSDP).
+
+Only the prefix ``u = active_rank + reserve_rank`` takes part in the forward pass:
 
 * ranks ``[0, active_rank)`` are active: A, e and B train;
 * ranks ``[active_rank, u)`` are the reserve ("advance learning"): A and B train, e is held
   at ``new_rank_e`` (the gradient to it is cut);
-* rows ``>= u`` are unused capacity and are kept exactly zero.
+* rows ``>= u`` (static storage only) are unused capacity and are kept exactly zero.
 
 Two initialisations (``init``):
 
@@ -29,11 +37,41 @@ each process writes only the rows it holds, addressed by their global index.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
-from ..distributed import full_tensor, local_range, local_shard
+from ..distributed import full_tensor, is_sharded, local_range, local_shard
 from .base import AdapterLayer, check_shapes
+
+STORAGES = ("dynamic", "static")
+
+
+def note_ddp(layer: nn.Module) -> None:
+    """Remember the DistributedDataParallel module whose forward is running this layer (DDP
+    marks itself active during forward): its reducer is rebuilt after the layer is resized."""
+    ddp = nn.parallel.DistributedDataParallel._active_ddp_module
+    if ddp is not None:
+        known = layer.__dict__.get("_increlora_ddp")
+        if known is None or known() is not ddp:
+            layer.__dict__["_increlora_ddp"] = weakref.ref(ddp)
+
+
+# (parameter name, the dim that holds the ranks)
+RANK_DIMS = (("lora_A", 0), ("lora_E", 0), ("lora_B", 1))
+
+
+def fit_rows(tensor: torch.Tensor, dim: int, rows: int) -> torch.Tensor:
+    """``tensor`` with ``rows`` entries along ``dim``: the leading ones kept, new ones zero."""
+    if tensor.shape[dim] == rows:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = rows
+    out = tensor.new_zeros(shape)
+    keep = min(rows, tensor.shape[dim])
+    out.narrow(dim, 0, keep).copy_(tensor.narrow(dim, 0, keep))
+    return out
 
 
 class TripletLayer(AdapterLayer):
@@ -54,6 +92,7 @@ class TripletLayer(AdapterLayer):
         init: str = "paper",
         init_e: float = 1.0,
         generator: torch.Generator | None = None,
+        storage: str = "dynamic",
     ) -> None:
         super().__init__(base_layer)
         if capacity > min(self.in_features, self.out_features):
@@ -73,14 +112,19 @@ class TripletLayer(AdapterLayer):
             raise ValueError(f"init must be 'paper' or 'lora', got {init!r}")
         self.init = init
         self.init_e = init_e
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+        self.storage = storage
         self.active_rank = init_rank
         self.used_rank = min(capacity, init_rank + reserve_rank)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # The adapter lives in fp32 whatever the base dtype (the usual mixed-precision setup).
         device = base_layer.weight.device
-        self.lora_A = nn.Parameter(torch.zeros(capacity, self.in_features, device=device))
-        self.lora_E = nn.Parameter(torch.zeros(capacity, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, capacity, device=device))
+        rows = capacity if storage == "static" else self.used_rank
+        self.rows = rows  # rows the tensors hold (global, also when FSDP2 shards them)
+        self.lora_A = nn.Parameter(torch.zeros(rows, self.in_features, device=device))
+        self.lora_E = nn.Parameter(torch.zeros(rows, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rows, device=device))
         self._init_rows(0, self.used_rank, generator)
         with torch.no_grad():
             # paper: e = 0, so the update starts at 0; lora: B = 0 does that, e trains at once
@@ -135,6 +179,8 @@ class TripletLayer(AdapterLayer):
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         u = self.used_rank
+        if self.storage == "dynamic" and torch.is_grad_enabled():
+            note_ddp(self)  # the reducer to rebuild when a round re-allocates this layer
         x_d = self.dropout(x.to(self.lora_A.dtype))
         a, e, b = self.lora_A[:u], self._used_e(), self.lora_B[:, :u]
         if self.task_grads is not None and torch.is_grad_enabled():
@@ -173,12 +219,13 @@ class TripletLayer(AdapterLayer):
         """Start (zeroed) or stop accumulating the task gradients of A, e and B."""
         if not enable:
             self.task_grads = None
-        elif self.task_grads is None:
+        elif self.task_grads is None or self.task_grads["lora_E"].shape[0] != self.rows:
+            # One buffer shaped like each (unsharded) parameter: the size of its gradient.
             device = self.lora_A.device
             self.task_grads = {
-                "lora_A": torch.zeros(self.capacity, self.in_features, device=device),
-                "lora_E": torch.zeros(self.capacity, device=device),
-                "lora_B": torch.zeros(self.out_features, self.capacity, device=device),
+                "lora_A": torch.zeros(self.rows, self.in_features, device=device),
+                "lora_E": torch.zeros(self.rows, device=device),
+                "lora_B": torch.zeros(self.out_features, self.rows, device=device),
             }
         else:
             for buffer in self.task_grads.values():
@@ -223,6 +270,8 @@ class TripletLayer(AdapterLayer):
             local_range(self.lora_E, 0, 0, old_active)[0].mul_(new_active / old_active)
         self.active_rank = new_active
         self.used_rank = max(new_used, new_active)
+        if self.storage == "dynamic":
+            self.resize_storage(self.used_rank)
         self._init_rows(old_used, self.used_rank, generator)
         if self.init == "lora":
             self._activate_lora_style(old_active, new_active, old_scaling / self.scaling)
@@ -247,6 +296,8 @@ class TripletLayer(AdapterLayer):
     def drop_reserve(self) -> None:
         """End of growth: reserve ranks are removed (zeroed, excluded from everything)."""
         self.used_rank = self.active_rank
+        if self.storage == "dynamic":
+            self.resize_storage(self.used_rank)
         self.enforce_unused_zero()
 
     @torch.no_grad()
@@ -256,11 +307,65 @@ class TripletLayer(AdapterLayer):
         Called after every optimizer step: optimizers may touch rows that had zero gradient
         (AdamW's weight decay, stale moments), and this keeps the invariant for any optimizer.
         """
-        u, capacity = self.used_rank, self.capacity
-        local_range(self.lora_A, 0, u, capacity)[0].zero_()
-        local_range(self.lora_B, 1, u, capacity)[0].zero_()
-        local_range(self.lora_E, 0, u, capacity)[0].zero_()
+        u, rows = self.used_rank, self.rows
+        if u < rows:  # static storage: unused capacity
+            local_range(self.lora_A, 0, u, rows)[0].zero_()
+            local_range(self.lora_B, 1, u, rows)[0].zero_()
+            local_range(self.lora_E, 0, u, rows)[0].zero_()
         local_range(self.lora_E, 0, self.active_rank, u)[0].fill_(self.new_rank_e)
+
+    @torch.no_grad()
+    def resize_storage(self, rows: int) -> bool:
+        """Hold ``rows`` ranks: each tensor (and its gradient) is re-allocated with the leading
+        rows kept and new rows zero. The Parameter objects stay (``.data`` is swapped), so an
+        optimizer and hooks keep them; what else follows a parameter's shape (optimizer
+        state, a DDP reducer) is the caller's to fit: see
+        :func:`increlora.allocation.storage.fit_optimizer_state`. Returns whether anything
+        changed. Refused on sharded (FSDP2) parameters: those need ``storage="static"``.
+        """
+        if rows == self.rows:
+            return False
+        if not (1 <= rows <= self.capacity):
+            raise ValueError(f"cannot hold {rows} ranks: capacity is {self.capacity}")
+        if any(is_sharded(getattr(self, name)) for name, _ in RANK_DIMS):
+            raise RuntimeError(
+                "IncreLoRA: these parameters are sharded (FSDP2) and cannot be re-allocated;"
+                " inject with storage='static' (docs/memory.md)"
+            )
+        for name, dim in RANK_DIMS:
+            param = getattr(self, name)
+            new = fit_rows(param.data, dim, rows)
+            # A graph of an earlier step that is still referenced (a loss kept in a variable)
+            # keeps the parameter's gradient accumulator alive, and autograd would reuse it
+            # with the old shape. Torch drops the cached accumulator when the data changes
+            # dtype, so pass through an empty tensor of another dtype first.
+            other = torch.float64 if new.dtype != torch.float64 else torch.float32
+            param.data = new.new_empty(0, dtype=other)
+            param.data = new
+            if param.grad is not None:
+                param.grad = fit_rows(param.grad, dim, rows)
+        self.rows = rows
+        if self.task_grads is not None:
+            self.task_grads = {
+                name: fit_rows(self.task_grads[name], dim, rows) for name, dim in RANK_DIMS
+            }
+        return True
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        # A state dict of dynamic storage holds the ranks in use: take its shape first.
+        # Static storage takes a shorter (dynamic) state padded with zero rows.
+        stored = state_dict.get(prefix + "lora_E")
+        if torch.is_tensor(stored) and stored.dim() == 1 and 1 <= stored.shape[0] <= self.capacity:
+            if self.storage == "dynamic":
+                self.resize_storage(int(stored.shape[0]))
+                self.used_rank = min(self.used_rank, self.rows)
+                self.active_rank = min(self.active_rank, self.used_rank)
+            elif stored.shape[0] < self.rows:
+                for name, dim in RANK_DIMS:
+                    key = prefix + name
+                    if torch.is_tensor(state_dict.get(key)):
+                        state_dict[key] = fit_rows(state_dict[key], dim, self.rows)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         u = self.used_rank
@@ -287,7 +392,7 @@ class TripletLayer(AdapterLayer):
     def load_adapter_state(self, tensors: dict[str, torch.Tensor], rank_state: dict) -> None:
         self.set_ranks(int(rank_state["active_rank"]), int(rank_state["used_rank"]))
         u = self.used_rank
-        for key, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
+        for key, dim in RANK_DIMS:
             param = getattr(self, key)
             local_shard(param).tensor.zero_()
             view, where = local_range(param, dim, 0, u)
@@ -301,9 +406,11 @@ class TripletLayer(AdapterLayer):
                 f"{self.capacity}"
             )
         self.active_rank, self.used_rank = active_rank, used_rank
+        if self.storage == "dynamic":
+            self.resize_storage(used_rank)  # no-op when the shapes were restored already
 
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, active_rank={self.active_rank}, "
-            f"reserve_rank={self.reserve_rank}, capacity={self.capacity}"
+            f"reserve_rank={self.reserve_rank}, capacity={self.capacity}, storage={self.storage}"
         )

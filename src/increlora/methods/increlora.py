@@ -1,8 +1,9 @@
 """IncreLoRA (Zhang et al. 2023, arXiv 2308.12043): triplet adapters that grow from rank 1.
 
 Layers are :class:`~increlora.layers.TripletLayer`; the controller is the
-:class:`~increlora.allocation.IncreLoRAAllocator`. Capacity (pre-allocated rows per module)
-is ``max_rank`` or ``min(d_in, d_out, 8 * ceil(average target rank) + add_r)``.
+:class:`~increlora.allocation.IncreLoRAAllocator`. Capacity (the most ranks a module may
+reach) is ``max_rank`` or ``min(d_in, d_out, 8 * ceil(average target rank) + add_r)``; the
+rows really allocated follow ``storage`` (docs/memory.md).
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class IncreLoRA(Method):
                 init=config.init,
                 init_e=config.init_e,
                 generator=generator,
+                storage=config.resolved_storage,
             )
         total_capacity = sum(m.capacity for m in layers.values())
         if (
