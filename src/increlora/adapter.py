@@ -287,5 +287,18 @@ def load_adapter(model: nn.Module, path: str | Path) -> AdaptedModel:
                 for key, t in model.get_submodule(name).state_dict().items():
                     t.copy_(tensors[f"{name}.{key}"])
 
-    layers, save_names = _attach(model, instance, before_attach=check)
+    if any(isinstance(m, AdapterLayer) for m in model.modules()):
+        _attach(model, instance)  # the ConfigError that says to use a fresh model
+    try:
+        layers, save_names = _attach(model, instance, before_attach=check)
+    except AdapterFileError:
+        raise
+    except (TypeError, ValueError, KeyError, OverflowError, RuntimeError) as err:
+        # A config that passed its own checks but cannot build layers on this model (an
+        # edited target_modules of the wrong type, a rank too large for a tensor).
+        message = " ".join(str(err).split())[:300]
+        raise AdapterFileError(
+            f"{config_file}: the recorded config does not build on this model ({message});"
+            " the file was edited or belongs to another model: save the adapter again"
+        ) from err
     return AdaptedModel(model, instance, layers, save_names)

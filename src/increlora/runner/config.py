@@ -542,8 +542,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {err.start} is {err.object[err.start : err.start + 1]!r});"
+            " save the config as UTF-8"
+        ) from None
+    except (yaml.YAMLError, RecursionError) as err:  # PyYAML's messages span several lines
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -470,17 +470,7 @@ def _record(value: Any, where: str) -> PromptResponse:
 
 def read_jsonl(path: Path) -> list[PromptResponse]:
     """Parse one JSONL file of prompt/response or messages records (blank lines skipped)."""
-    examples = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CausalFormatError(f"{where}: not valid JSON ({exc.msg})") from None
-            examples.append(_record(value, where))
+    examples = [_record(value, where) for where, value in _jsonl_values(path)]
     if not examples:
         raise CausalFormatError(f"{path}: no records")
     return examples

@@ -92,17 +92,26 @@ def read_vitaminc(path: Path) -> tuple[list[Example], dict[str, Any]]:
 
 def jsonl_rows(path: Path, error: type[ValueError] = OfflineFormatError) -> list[tuple[str, Any]]:
     """``(file:line, value)`` of every non-blank line of a JSON-lines file; a line that is not
-    JSON raises ``error`` naming the file and line."""
+    UTF-8 or not JSON raises ``error`` naming the file and line."""
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise error(
+                    f"{where}: not UTF-8 text (byte {exc.start + 1} of the line is"
+                    f" {raw[exc.start : exc.start + 1]!r}); save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 rows.append((where, json.loads(line)))
             except json.JSONDecodeError as exc:
                 raise error(f"{where}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise error(f"{where}: JSON nested too deeply to read") from None
     return rows
 
 
