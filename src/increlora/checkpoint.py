@@ -18,6 +18,7 @@ import errno
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,48 @@ def remove_stale_writes(path: str | Path) -> list[Path]:
         else:
             entry.unlink(missing_ok=True)
     return stale
+
+
+def keep_copy(source: str | Path, target: str | Path) -> None:
+    """Make ``target`` a complete copy of the checkpoint directory ``source``, atomically.
+
+    Built beside ``target`` and swapped in by :func:`increlora.io.atomic_directory`: a kill at
+    any point leaves ``source`` untouched and ``target`` either as it was, complete, or absent,
+    plus stale temporary folders that :func:`remove_stale_writes` deletes. Files are hard links
+    where the file system allows them (a checkpoint's files are never changed in place: every
+    save writes new files), so the copy costs no space until ``source`` is replaced.
+    """
+    source, target = Path(source), Path(target)
+    remove_stale_writes(target)
+    try:
+        with atomic_directory(target) as tmp:
+            shutil.copytree(source, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
+    except OSError as err:
+        if not _disk_full(err):
+            raise
+        raise CheckpointWriteError(
+            f"{target}: the disk is full (no space left on device) while keeping a copy of the"
+            f" good checkpoint {source}, which is intact. Free some space, then resume the run"
+        ) from None
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def discard(path: str | Path) -> None:
+    """Delete the directory ``path`` so that a kill midway leaves it complete or absent: it is
+    renamed to a stale name first (``.<name>.tmp-XXXXXXXX``, which :func:`remove_stale_writes`
+    deletes and never puts back), then removed."""
+    path = Path(path)
+    if not path.exists():
+        return
+    stale = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.replace(path, stale / "content")
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 def _gather(obj: Any) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shlex
 import signal
 import threading
 import time
@@ -22,7 +23,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_training_state, remove_stale_writes, save_training_state
+from ..checkpoint import (
+    discard,
+    keep_copy,
+    load_training_state,
+    remove_stale_writes,
+    save_training_state,
+)
 from ..config import ConfigError
 from ..export import EmptyAdapterError
 from ..io import atomic_write_json, read_json
@@ -172,10 +179,12 @@ class RunState:
     last_loss: float | None = None  # the latest one
     # What makes a checkpoint good: the largest micro-batch loss since the last checkpoint,
     # the largest |trainable weight| at the start, and why the checkpoint on disk is not a
-    # good one (None: it is; see Trainer._checkpoint).
+    # good one (None: it is; see Trainer._checkpoint). While it is not, the last good one is
+    # kept in checkpoint-good/: its step.
     peak_loss: float | None = None
     weight_scale: float | None = None
     checkpoint_flaw: str | None = None
+    good_checkpoint_step: int | None = None
 
     def elapsed(self, sitting_s: float) -> float:
         """Wall time of the whole run: the earlier sittings plus this one's ``sitting_s``."""
@@ -324,12 +333,18 @@ class Trainer:
 
     def restore(self) -> None:
         """Continue from ``checkpoint/`` (resume), or start the log of a fresh run."""
-        checkpoint = self.out / O.CHECKPOINT
+        checkpoint, good = self.out / O.CHECKPOINT, self.out / O.GOOD_CHECKPOINT
         if self.main:  # what saves killed mid-write (SIGKILL) left; puts a swapped-out one back
             written = (O.CHECKPOINT, O.OWN_ADAPTER, O.PEFT_ADAPTER, O.TRAIN_LOG, O.RUN_CONFIG)
-            for name in (*written, O.METRICS):
+            for name in (*written, O.METRICS, O.GOOD_CHECKPOINT):
                 remove_stale_writes(self.out / name)
         self.accelerator.wait_for_everyone()
+        if self.resume and not checkpoint.is_dir() and good.is_dir():
+            raise O.RunDirError(
+                f"{checkpoint} is missing but {good} holds the last good checkpoint: to resume"
+                f" from it, `mv {shlex.quote(str(good))} {shlex.quote(str(checkpoint))}` and"
+                " run the same command again"
+            )
         if self.resume and checkpoint.is_dir():
             extra = load_training_state(
                 checkpoint, self.adapted, self.optimizer, self.controller, self.scheduler
@@ -347,9 +362,16 @@ class Trainer:
                 self.accelerator.scaler.load_state_dict(extra["scaler"])
             self.state = RunState.restored(extra)
             self.last_checkpoint_step = self.state.step
+            if self.state.checkpoint_flaw is None or not good.is_dir():
+                # checkpoint/ is good (a copy beside it is older or the same): one is enough.
+                self.state.good_checkpoint_step = None
+                if self.main:
+                    discard(good)
             self.log.truncate_after(self.state.step)
             self.log.write({"event": "resume", "step": self.state.step})
             self._say(f"resumed {self.out} at step {self.state.step}/{self.total_steps}")
+            if self.state.checkpoint_flaw is not None:
+                self._say(f"{self._kept(then='again')}.")
             return
         if self.main and self.log.path.exists():
             self.log.path.unlink()  # --resume before the first checkpoint: start over
@@ -504,17 +526,33 @@ class Trainer:
             f" {self.state.epoch}); training stopped and {self._kept()}. {self._advice()}"
         )
 
-    def _kept(self) -> str:
-        """What the checkpoint on disk is worth, for a divergence message."""
-        where = self.out / O.CHECKPOINT
+    def _kept(self, then: str | None = "resume") -> str:
+        """What the checkpoints on disk are worth, for a divergence (or resume) message;
+        ``then``: how to go on from the good copy ("resume": the resume command, "again":
+        the same command again, None: no advice)."""
+        where, good = self.out / O.CHECKPOINT, self.out / O.GOOD_CHECKPOINT
         if self.last_checkpoint_step is None:
             return "no checkpoint had been written yet, so there is no good one"
         if self.state.checkpoint_flaw is None:
             return f"the last good checkpoint (step {self.last_checkpoint_step}) is kept in {where}"
-        return (
+        flawed = (
             f"the checkpoint in {where} (step {self.last_checkpoint_step}) is not a good one"
-            f" ({self.state.checkpoint_flaw}); no good checkpoint was kept"
+            f" ({self.state.checkpoint_flaw})"
         )
+        if self.state.good_checkpoint_step is None:
+            return f"{flawed}; no good checkpoint was kept"
+        step = self.state.good_checkpoint_step
+        kept = f"{flawed}; the last good checkpoint (step {step}) is kept in {good}"
+        if then is None:
+            return kept
+        command = "the same command again" if then == "again" else f"`{self._resume_command()}`"
+        return (
+            f"{kept}: to resume from it instead, `rm -r {shlex.quote(str(where))} &&"
+            f" mv {shlex.quote(str(good))} {shlex.quote(str(where))}`, then run {command}"
+        )
+
+    def _resume_command(self) -> str:
+        return f"increlora train --resume --output-dir {shlex.quote(str(self.out))}"
 
     def _advice(self) -> str:
         return (
@@ -692,7 +730,20 @@ class Trainer:
         if self.last_checkpoint_step == self.state.step:
             return
         self._check_weights()
-        self.state.checkpoint_flaw = self._checkpoint_flaw()
+        flaw = self._checkpoint_flaw()
+        checkpoint, good = self.out / O.CHECKPOINT, self.out / O.GOOD_CHECKPOINT
+        before = (self.state.checkpoint_flaw, self.state.good_checkpoint_step, self.state.peak_loss)
+        if flaw is not None and self.last_checkpoint_step is not None:
+            if self.state.checkpoint_flaw is None:
+                # checkpoint/ is good and is about to be replaced by one that is not: keep it
+                # first (a complete copy swapped in atomically; a kill before the swap leaves
+                # checkpoint/ itself untouched and good).
+                if self.main:
+                    keep_copy(checkpoint, good)
+                self.state.good_checkpoint_step = self.last_checkpoint_step
+        elif flaw is None:
+            self.state.good_checkpoint_step = None
+        self.state.checkpoint_flaw = flaw
         self.state.peak_loss = None  # the next checkpoint judges the losses after this one
         scaler = self.accelerator.scaler
         extra = {
@@ -701,15 +752,17 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "scaler": scaler.state_dict() if scaler is not None else None,
         }
-        save_training_state(
-            self.out / O.CHECKPOINT,
-            self.adapted,
-            self.optimizer,
-            self.controller,
-            self.scheduler,
-            extra,
-        )
+        try:
+            save_training_state(
+                checkpoint, self.adapted, self.optimizer, self.controller, self.scheduler, extra
+            )
+        except BaseException:  # not written (disk full): the state describes the old one again
+            self.state.checkpoint_flaw, self.state.good_checkpoint_step = before[:2]
+            self.state.peak_loss = before[2]
+            raise
         self.last_checkpoint_step = self.state.step
+        if flaw is None and self.main:
+            discard(good)  # checkpoint/ is good again: the older good copy is not needed
 
     # ------------------------------------------------------------------------ finish
     def finish(self) -> RunResult:
@@ -717,6 +770,8 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if not self.main:
             return RunResult(self.out, "finished")
+        if self.state.checkpoint_flaw is not None:  # a finished run is not resumed
+            self._say(f"{self._kept(then=None)}.")
         metrics = self._metrics()
         self._plots(metrics)
         self.log.write({"event": "end", "step": self.state.step})

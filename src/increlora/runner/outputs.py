@@ -10,6 +10,7 @@ The layout is a contract (scripts and ``increlora report`` read it)::
     ranks.png            final rank per layer x module type
     rank_allocation.png  rank per module type over training
     checkpoint/          what --resume needs
+    checkpoint-good/     the last good checkpoint, kept only while checkpoint/ is not good
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ OWN_ADAPTER = "increlora_adapter"
 RANKS_PLOT = "ranks.png"
 ALLOCATION_PLOT = "rank_allocation.png"
 CHECKPOINT = "checkpoint"
+GOOD_CHECKPOINT = "checkpoint-good"
 
 
 def say(message: str) -> None:
