@@ -23,7 +23,7 @@ from increlora.methods.adalora import AdaLoRAConfig
 
 peft = pytest.importorskip("peft")
 from test_callback import _arguments, _dataset, _StopAt  # noqa: E402
-from test_peft_method import logits_with_peft_alone  # noqa: E402
+from test_peft_method import assert_peft_alone_matches  # noqa: E402
 
 from increlora.integrations import (  # noqa: E402
     IncreloraAdaLoraConfig,
@@ -149,11 +149,7 @@ def test_exported_lora_loads_with_peft_alone(trained, tmp_path):
     assert sum(config["rank_pattern"].get(k, config["r"]) for k in config["target_modules"]) == (
         sum(ranks.values())
     )
-    inputs = MODEL_CASES["bert"].inputs()
-    with torch.no_grad():
-        expected = model(**inputs).logits
-    logits = logits_with_peft_alone(tmp_path / "lora", inputs["input_ids"], tmp_path)
-    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    assert_peft_alone_matches(model, tmp_path / "lora", tmp_path)
 
 
 def test_resume_from_a_mid_masking_checkpoint_is_exact(trained, tmp_path):

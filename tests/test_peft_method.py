@@ -113,10 +113,13 @@ def test_merge_and_unload_and_disabled_adapter(trained):
         torch.testing.assert_close(merged(**inputs).logits, expected, rtol=0, atol=1e-5)
 
 
-def logits_with_peft_alone(adapter: Path, input_ids: torch.Tensor, work: Path) -> torch.Tensor:
-    """Logits of the tiny BERT + ``adapter`` loaded by PEFT in a process that never imports
-    increlora (the subprocess asserts it)."""
-    torch.save(input_ids, work / "ids.pt")
+def assert_peft_alone_matches(model, adapter: Path, work: Path) -> None:
+    """The tiny BERT + ``adapter`` loaded by PEFT in a process that never imports increlora
+    (the subprocess asserts it) gives ``model``'s logits."""
+    inputs = MODEL_CASES["bert"].inputs()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    torch.save(inputs["input_ids"], work / "ids.pt")
     script = textwrap.dedent(
         f"""
         import sys, torch
@@ -135,18 +138,15 @@ def logits_with_peft_alone(adapter: Path, input_ids: torch.Tensor, work: Path) -
         [sys.executable, "-c", script], cwd=tests, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    return torch.tensor(json.loads(out.stdout.strip().splitlines()[-1]))
+    logits = torch.tensor(json.loads(out.stdout.strip().splitlines()[-1]))
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
 
 
 def test_exported_lora_loads_with_peft_alone(trained, tmp_path):
     model, _ = trained
     config = export_lora(model, tmp_path / "lora")
     assert config["peft_type"] == "LORA" and config["rank_pattern"]
-    inputs = MODEL_CASES["bert"].inputs()
-    with torch.no_grad():
-        expected = model(**inputs).logits
-    logits = logits_with_peft_alone(tmp_path / "lora", inputs["input_ids"], tmp_path)
-    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    assert_peft_alone_matches(model, tmp_path / "lora", tmp_path)
 
 
 def test_unknown_field_is_a_one_line_error():
