@@ -19,9 +19,10 @@ is PEFT's own ``ModulesToSaveWrapper``.
 
 What ``save_pretrained`` writes (``adapter_model.safetensors``, safetensors only):
 
-* per module ``lora_A`` / ``lora_E`` / ``lora_B`` at the module's capacity (rows past the
-  used rank are zero) and ``lora_ranks`` = [active rank, used rank], which
-  ``PeftModel.from_pretrained`` restores (:meth:`IncreLoraLayer._load_from_state_dict`);
+* per module ``lora_A`` / ``lora_E`` / ``lora_B`` at the rows the module holds (with
+  ``storage="static"`` its capacity, rows past the used rank zero) and ``lora_ranks`` =
+  [active rank, used rank], which ``PeftModel.from_pretrained`` restores
+  (:meth:`PeftTripletLayer._load_from_state_dict`);
 * ``increlora_allocator_state``: the allocator's state (scores, growth history, fresh-row
   bookkeeping) as UTF-8 JSON bytes, when a controller ran or was loaded. A Trainer resuming
   from a PEFT checkpoint gets it back through ``load_adapter``.
@@ -463,7 +464,7 @@ class PackageTuner(BaseTuner):
         return self.adapted.rank_pattern()
 
     def num_active_parameters(self) -> int:
-        """Adapter parameters in use (``print_trainable_parameters`` counts the capacity)."""
+        """Adapter parameters in use (``print_trainable_parameters`` counts the rows held)."""
         return self.adapted.num_adapter_parameters()
 
     # ------------------------------------------------------------------ state dicts

@@ -149,9 +149,10 @@ class IncreLoRACallback(TrainerCallback):
     ``IncreloraAdaLoraConfig``, gets its importance scoring, masking and regularizer):
 
     * the controller (allocator) is built on the Trainer's optimizer when training begins,
-      for the run's ``max_steps`` (schedule fields left unset are derived from them). Every
-      adapter row is allocated up front, so the optimizer never needs rebuilding when ranks
-      grow; new ranks start with fresh optimizer moments and their own warm-up;
+      for the run's ``max_steps`` (schedule fields left unset are derived from them). The
+      optimizer is never rebuilt when ranks grow (a module keeps its Parameter objects; the
+      allocator fits their optimizer state); new ranks start with fresh optimizer moments
+      and their own warm-up;
     * ``controller.step()`` once per optimizer step (``on_optimizer_step``), whatever the
       gradient accumulation; an fp16 step the grad scaler skipped is a no-op;
     * the orthogonal regularizer (``regularize=True``): its gradient is added to the
