@@ -17,7 +17,9 @@ torch.cuda.max_memory_allocated tracks, minus allocator slack. Inputs are random
 ids: content does not change the cost. Targets (issue #2): <= 1.15x during growth, <= 1.03x
 after growth, memory <= 1.10x; with ``--importance paper`` (issue #9) <= 1.08x during growth
 for the default row-sampled score (``--score-rows``, default 1/8), measured beside the exact
-score (``increlora-growing-exact``, every row) for comparison.
+score (``increlora-growing-exact``, every row) for comparison. ``--storage`` picks the
+IncreLoRA storage (default dynamic, docs/memory.md); ``--rounds`` adds a growth round at every
+step under both storages (the re-allocation's worst case) and prints their ratio.
 """
 
 from __future__ import annotations
@@ -76,6 +78,23 @@ def build(name: str, args: argparse.Namespace):
         )
         params = [p for p in model.parameters() if p.requires_grad]
         controller = None
+    elif name.startswith("increlora-rounds"):
+        # A growth round at every step, every module chosen, a budget never reached: the
+        # worst case for storage='dynamic' (re-allocation at each step) against 'static'.
+        config = increlora.IncreLoRAConfig(
+            target_modules=targets,
+            modules_to_save=["classifier"],
+            target_rank=64,
+            max_rank=128,
+            importance=args.importance,
+            score_rows=args.score_rows,
+            init_warmup=0,
+            interval=1,
+            storage=name.rsplit("-", 1)[1],
+        )
+        adapted = increlora.inject(model, config)
+        config.top_h = len(adapted.layers)
+        params = adapted.trainable_parameters()
     else:
         growing = name.startswith("increlora-growing")
         config = increlora.IncreLoRAConfig(
@@ -88,6 +107,7 @@ def build(name: str, args: argparse.Namespace):
             # its reserve; grown: every module gains rank each step until the budget.
             init_warmup=10**6 if growing else 0,
             interval=10**6 if growing else 1,
+            storage=args.storage,
         )
         adapted = increlora.inject(model, config)
         config.top_h = len(adapted.layers)
@@ -160,12 +180,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
     parser.add_argument("--block", type=int, default=3, help="steps per interleaved block")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--storage",
+        choices=["dynamic", "static"],
+        default="dynamic",
+        help="IncreLoRA storage of the growing/grown configs (docs/memory.md)",
+    )
+    parser.add_argument(
+        "--rounds",
+        action="store_true",
+        help="also time a growth round at every step, dynamic against static storage",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     from tqdm import tqdm
 
     configs = CONFIGS + (("increlora-growing-exact",) if args.importance == "paper" else ())
+    if args.rounds:
+        configs += ("increlora-rounds-static", "increlora-rounds-dynamic")
     targets = PAPER_TARGETS if args.importance == "paper" else TARGETS
     built = {name: build(name, args) for name in configs}
     steps = {name: b[0] for name, b in built.items()}
@@ -186,7 +219,8 @@ def main() -> None:
     mem = {name: memory[name]["training"] for name in configs}
     print(
         f"\nmodel={args.model} batch={args.batch} length={args.length} rank={args.target_rank}"
-        f" importance={args.importance} score_rows={args.score_rows} threads={args.threads} steps/config={len(times['lora'])}"
+        f" importance={args.importance} score_rows={args.score_rows} threads={args.threads}"
+        f" storage={args.storage} steps/config={len(times['lora'])}"
     )
     print(
         f"{'config':<24}{'s/step':>8}{'t/lora':>8}{'t/peft':>8}{'MiB':>8}{'m/lora':>8}{'m/peft':>8}"
@@ -205,6 +239,9 @@ def main() -> None:
             f"{m / 2**20:>8.1f}{m / max(mem['lora'], 1):>8.3f}{m / max(mem['peft-lora'], 1):>8.3f}"
             f"{verdict}"
         )
+    if args.rounds:
+        ratio = median["increlora-rounds-dynamic"] / median["increlora-rounds-static"]
+        print(f"a growth round every step: dynamic / static storage = {ratio:.3f}x")
     print(
         "MiB = activations saved for backward + trainable params + grads + optimizer state"
         f" (frozen weights, the same for all: {memory['lora']['frozen'] / 2**20:.1f} MiB);"
