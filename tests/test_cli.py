@@ -887,3 +887,36 @@ def test_fp16_without_a_gpu_is_refused_not_recorded(tiny_model, tmp_path, capsys
     assert cli.main(args) != 0
     assert "fp16 needs a CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "fp16" / "metrics.json").exists()
+
+
+def test_identical_runs_in_two_processes_write_byte_identical_adapters(
+    tiny_model, reference, tmp_path
+) -> None:
+    """Issue 23: the same run, again in a fresh process with another hash seed, writes the
+    same bytes in both adapter formats (file hashes, not tensors: headers and JSON included)."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "again"
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "increlora.cli", *train_args(tiny_model, out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    def digests(run: Path) -> dict[str, str]:
+        return {
+            str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for folder in ("adapter", "increlora_adapter")
+            for p in sorted((run / folder).rglob("*"))
+            if p.is_file()
+        }
+
+    first, second = digests(reference), digests(out)
+    assert len(first) >= 4 and first == second
