@@ -12,17 +12,20 @@ scores the completion tokens only. Greedy exact match on held-out sums is printe
 after training, with the final rank of every adapted module.
 
 Measured (``HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 taskset -c 1 python examples/trl_sft.py``,
-defaults: 384 sums, one epoch of 48 steps at batch 8, fp32): 6 min 36 s of CPU time on one
-core (342 s user + 55 s system), which is about its wall time on a free core; 16 min 47 s wall
-on a core shared with two or three other jobs (it got 39% of it). Growth: 7 rounds at steps
+defaults: 384 sums, one epoch of 48 steps at batch 8, fp32), twice: 6 min 36 s of CPU time
+on one core with IncreLoRA's former static storage (342 s user + 55 s system) and 6 min 47 s
+with ``storage="dynamic"``, the default since (355 s + 52 s), which is about the wall time on
+a free core; 16 min 47 s and 15 min 25 s wall on a core shared with two or three other jobs
+(it got ~40% of it). Both runs gave the same ranks and result. Growth: 7 rounds at steps
 6, 9, ..., 24 of +30 ranks (top_h 30 of the 210 modules), total rank 210 -> 420 (average
 2.00, 1 to 8 per module; layers 22, 23 and 25-28 stay at rank 1). Greedy exact match on 32
 held-out sums: 0.000 before, 0.750 after.
 
-Two settings matter on CPU: ``bf16=False`` (TRL defaults to bf16 autocast, which a CPU without
-bf16 instructions emulates: a step took roughly 6x the CPU time of fp32 here) and enough steps for growth to
-allocate (the earlier default of 128 sums gave 16 steps and a single growth round in which
-all 210 modules gained a rank, i.e. uniform rank-2 LoRA, with a warning).
+Two settings matter on CPU: ``bf16=False`` (TRL defaults to bf16 autocast, which a CPU
+without bf16 instructions emulates: a step took roughly 6x the CPU time of fp32 here) and
+enough steps for growth to allocate (the earlier default of 128 sums gave 16 steps and a
+single growth round in which all 210 modules gained a rank, i.e. uniform rank-2 LoRA, with a
+warning).
 """
 
 from __future__ import annotations
