@@ -21,6 +21,7 @@ __all__ = [
     "IncreLoRACallback",
     "IncreLoRAConfig",
     "IncreLoraConfig",
+    "IncreloraAdaLoraConfig",
     "get_method",
     "inject",
     "load_adapter",
@@ -29,7 +30,7 @@ __all__ = [
 
 def __getattr__(name: str):
     # Heavy imports (peft, transformers' Trainer) on first use only.
-    if name in ("IncreLoraConfig", "IncreLoRACallback"):
+    if name in ("IncreLoraConfig", "IncreloraAdaLoraConfig", "IncreLoRACallback"):
         from . import integrations
 
         return getattr(integrations, name)
