@@ -41,17 +41,6 @@ import time
 import torch
 
 METHODS = ("peft-lora", "peft-adalora", "increlora-static", "increlora-dynamic")
-TARGETS = {
-    "bert": [
-        "query",
-        "key",
-        "value",
-        "attention.output.dense",
-        "intermediate.dense",
-        "output.dense",
-    ],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
 
 
 def load(model: str, device: str = "cpu"):
@@ -93,9 +82,10 @@ def count(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> di
 def build(method: str, net: torch.nn.Module, rank: int, steps: int):
     """(model to call, optimizer, controller or None, elements in use: a function)."""
     import increlora
+    from increlora.injection import TARGET_PRESETS
 
     kind = "bert" if net.config.model_type == "bert" else "llama"
-    targets = TARGETS[kind]
+    targets = TARGET_PRESETS[kind]
     head = ["classifier"] if kind == "bert" else []
     if method == "peft-lora":
         from peft import LoraConfig, get_peft_model
@@ -232,6 +222,7 @@ def meta_table(ranks: list[int]) -> list[dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import increlora
+    from increlora.injection import TARGET_PRESETS
 
     config = LlamaConfig(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -243,7 +234,7 @@ def meta_table(ranks: list[int]) -> list[dict]:
             base = LlamaForCausalLM(config)
         n_base = sum(p.numel() for p in base.parameters())
         peft_model = get_peft_model(
-            base, LoraConfig(r=rank, lora_alpha=16, target_modules=TARGETS["llama"])
+            base, LoraConfig(r=rank, lora_alpha=16, target_modules=TARGET_PRESETS["llama"])
         )
         lora = sum(p.numel() for p in adapter_tensors(peft_model))
         result = {"rank": rank, "base": n_base, "peft-lora": lora}
@@ -253,7 +244,7 @@ def meta_table(ranks: list[int]) -> list[dict]:
             adapted = increlora.inject(
                 net,
                 increlora.IncreLoRAConfig(
-                    target_modules=TARGETS["llama"], target_rank=rank, storage=storage
+                    target_modules=TARGET_PRESETS["llama"], target_rank=rank, storage=storage
                 ),
             )
             injected = sum(p.numel() for p in adapter_tensors(net))

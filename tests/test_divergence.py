@@ -180,6 +180,20 @@ def test_a_blow_up_keeps_the_last_good_checkpoint(
     assert _leftovers(out) == []
 
 
+def _spike_then_nan(monkeypatch, spike_at: int, nan_at: int) -> None:
+    """The loss of optimizer step ``spike_at`` is 1000x, that of ``nan_at`` NaN."""
+    real, calls = loop.compute_loss, {"n": 0}
+
+    def faulty(model, batch):
+        calls["n"] += 1
+        loss = real(model, batch)
+        if calls["n"] == spike_at:
+            return loss * 1000
+        return loss * float("nan") if calls["n"] == nan_at else loss
+
+    monkeypatch.setattr(loop, "compute_loss", faulty)
+
+
 def test_without_a_good_checkpoint_none_is_claimed(
     tiny_model,  # noqa: F811
     tmp_path,
@@ -187,16 +201,7 @@ def test_without_a_good_checkpoint_none_is_claimed(
     capsys,
 ) -> None:
     """The first checkpoint (step 2) already follows the blow-up (step 2): none is good."""
-    real, calls = loop.compute_loss, {"n": 0}
-
-    def blow_up_at_2_nan_at_3(model, batch):
-        calls["n"] += 1
-        loss = real(model, batch)
-        if calls["n"] == 2:
-            return loss * 1000
-        return loss * float("nan") if calls["n"] == 3 else loss
-
-    monkeypatch.setattr(loop, "compute_loss", blow_up_at_2_nan_at_3)
+    _spike_then_nan(monkeypatch, spike_at=2, nan_at=3)
     out = tmp_path / "never-good"
     assert _run(tiny_model, out) == 3
     message = _only_message(capsys)
@@ -211,16 +216,7 @@ def test_a_recovered_loss_makes_the_next_checkpoint_good_again(
     monkeypatch,
     capsys,
 ) -> None:
-    real, calls = loop.compute_loss, {"n": 0}
-
-    def blow_up_at_3_nan_at_7(model, batch):
-        calls["n"] += 1
-        loss = real(model, batch)
-        if calls["n"] == 3:
-            return loss * 1000
-        return loss * float("nan") if calls["n"] == 7 else loss
-
-    monkeypatch.setattr(loop, "compute_loss", blow_up_at_3_nan_at_7)
+    _spike_then_nan(monkeypatch, spike_at=3, nan_at=7)
     out = tmp_path / "recovered"
     assert _run(tiny_model, out) == 3
     message = _only_message(capsys)
