@@ -127,11 +127,8 @@ def _restore_storage(adapted: Any, weights: dict[str, torch.Tensor]) -> None:
     shape check, the weights and the optimizer state, which is saved in those shapes)."""
     names = {id(p): n for n, p in adapted.named_trainable_parameters()}
     for layer in getattr(adapted, "layers", {}).values():
-        if getattr(layer, "storage", None) != "dynamic":
-            continue
-        saved = weights.get(names.get(id(layer.lora_E), ""))
-        if saved is not None and saved.dim() == 1 and 1 <= saved.shape[0] <= layer.capacity:
-            layer.resize_storage(int(saved.shape[0]))
+        if hasattr(layer, "take_saved_rows"):
+            layer.take_saved_rows(weights.get(names.get(id(layer.lora_E), "")))
 
 
 def remove_stale_writes(path: str | Path) -> list[Path]:

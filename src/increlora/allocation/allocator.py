@@ -332,9 +332,7 @@ class IncreLoRAAllocator:
                 layer.drop_reserve()
                 layer.grad_product, layer.grad_rows = None, None
                 layer.enable_task_grads(False)
-            resized = [m for m, r in zip(self.layers, rows) if m.rows != r]
-            self._fit_storage(resized)
-            self._rebuild_ddp(resized)
+            self._follow_storage(rows)
             if is_main_process():
                 logger.info(
                     "step %d: budget reached (total rank %d, %d trainable adapter params);"
@@ -348,10 +346,13 @@ class IncreLoRAAllocator:
         return sum(m.num_adapter_parameters() for m in self.layers)
 
     # ------------------------------------------------------------------ storage
-    def _fit_storage(self, layers: list[TripletLayer]) -> None:
-        """Optimizer state of re-allocated (dynamic storage) layers takes their new shape."""
-        for layer in layers:
+    def _follow_storage(self, rows_before: list[int]) -> None:
+        """Layers re-allocated since ``rows_before`` (dynamic storage): their optimizer state
+        takes the new shape and the DDP reducers holding them are rebuilt."""
+        resized = [m for m, r in zip(self.layers, rows_before) if m.rows != r]
+        for layer in resized:
             fit_optimizer_state(self.optimizer, layer)
+        self._rebuild_ddp(resized)
 
     def _rebuild_ddp(self, layers: list[TripletLayer]) -> None:
         """DDP reducers size their buckets at construction: rebuild those that hold a
@@ -392,9 +393,7 @@ class IncreLoRAAllocator:
         rows = [layer.rows for layer in self.layers]
         for layer, (active, used) in zip(self.layers, state["ranks"]):
             layer.set_ranks(int(active), int(used))  # dynamic storage: re-allocated to fit
-        resized = [m for m, r in zip(self.layers, rows) if m.rows != r]
-        self._fit_storage(resized)
-        self._rebuild_ddp(resized)
+        self._follow_storage(rows)
         self.guard.load_state_dict(
             {
                 "optimizer_steps": state["optimizer_steps"],

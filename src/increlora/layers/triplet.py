@@ -351,20 +351,37 @@ class TripletLayer(AdapterLayer):
             }
         return True
 
+    def take_saved_rows(self, saved_e: object) -> bool:
+        """Dynamic storage: hold as many rows as a saved ``lora_E`` has (before its weights
+        and optimizer state are loaded). Returns whether the storage is dynamic and ``saved_e``
+        a plausible e vector, i.e. whether the shape was taken."""
+        if not (
+            self.storage == "dynamic"
+            and torch.is_tensor(saved_e)
+            and saved_e.dim() == 1
+            and 1 <= saved_e.shape[0] <= self.capacity
+        ):
+            return False
+        self.resize_storage(int(saved_e.shape[0]))
+        return True
+
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         # A state dict of dynamic storage holds the ranks in use: take its shape first.
         # Static storage takes a shorter (dynamic) state padded with zero rows.
         stored = state_dict.get(prefix + "lora_E")
-        if torch.is_tensor(stored) and stored.dim() == 1 and 1 <= stored.shape[0] <= self.capacity:
-            if self.storage == "dynamic":
-                self.resize_storage(int(stored.shape[0]))
-                self.used_rank = min(self.used_rank, self.rows)
-                self.active_rank = min(self.active_rank, self.used_rank)
-            elif stored.shape[0] < self.rows:
-                for name, dim in RANK_DIMS:
-                    key = prefix + name
-                    if torch.is_tensor(state_dict.get(key)):
-                        state_dict[key] = fit_rows(state_dict[key], dim, self.rows)
+        if self.take_saved_rows(stored):
+            self.used_rank = min(self.used_rank, self.rows)
+            self.active_rank = min(self.active_rank, self.used_rank)
+        elif (
+            self.storage == "static"
+            and torch.is_tensor(stored)
+            and stored.dim() == 1
+            and 1 <= stored.shape[0] < self.rows
+        ):
+            for name, dim in RANK_DIMS:
+                key = prefix + name
+                if torch.is_tensor(state_dict.get(key)):
+                    state_dict[key] = fit_rows(state_dict[key], dim, self.rows)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
